@@ -1,0 +1,107 @@
+"""The Backend protocol every runtime implements, and helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge.errors import BackendError
+
+FloatArray = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine quantization of an integer tensor: real = scale * (q - zero_point)."""
+
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model tensor as the runtime sees it. ``shape[0]`` is None when the batch is dynamic."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype[np.generic]
+    quant: QuantParams | None = None
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Runtime settings common to every backend.
+
+    ``threads`` defaults to 1: on a 2-4 core gateway the MQTT and worker threads need the other
+    cores, and small sensor models gain little from intra-op parallelism.
+    """
+
+    threads: int = 1
+    # LiteRT only: which Python module provides the interpreter. "auto" tries ai_edge_litert, then
+    # tflite_runtime; "tensorflow" (tf.lite) is used only when named, because importing TensorFlow
+    # costs ~500 MB, which a gateway does not have to spare.
+    interpreter: str = "auto"
+
+
+class Backend(Protocol):
+    """A loaded artifact that turns float32 model inputs into float32 model outputs.
+
+    Lifecycle: the registry constructs it with the artifact path (loading the model), the caller
+    warms it up with the bundle's golden input, then calls :meth:`infer` from one thread at a time
+    for as long as the pipeline runs, and :meth:`close` once at the end.
+    """
+
+    name: str
+    """Registry name, e.g. "litert" or "onnx"."""
+    runtime: str
+    """The module and version actually doing the work, e.g. "ai_edge_litert 2.3.0"."""
+    input_spec: TensorSpec
+    output_spec: TensorSpec
+
+    def infer(self, batch: FloatArray) -> FloatArray:
+        """Run a batch of shape (n, *input_spec.shape[1:]), n >= 1; return (n, *outputs).
+
+        Quantized artifacts take and return real values: the backend quantizes inputs and
+        dequantizes outputs with the tensors' own parameters. Raises InferenceError on failure.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's resources. The backend is unusable afterwards."""
+        ...
+
+
+def check_batch(spec: TensorSpec, batch: FloatArray) -> None:
+    """Refuse a batch whose per-sample shape differs from the model's, naming both."""
+    if batch.ndim != len(spec.shape) or tuple(batch.shape[1:]) != tuple(spec.shape[1:]):
+        raise BackendError(
+            f"input shape {tuple(batch.shape)} does not fit the model's "
+            f"{('n', *spec.shape[1:])}"
+        )
+    if batch.shape[0] < 1:
+        raise BackendError("empty batch")
+
+
+def quantize(values: FloatArray, quant: QuantParams, dtype: np.dtype[np.generic]) -> NDArray[
+    np.generic
+]:
+    """Real values to integers of DTYPE, rounding to nearest and saturating at the type's range."""
+    info = np.iinfo(dtype)  # type: ignore[type-var]
+    q = np.round(values / quant.scale) + quant.zero_point
+    out: NDArray[np.generic] = np.clip(q, info.min, info.max).astype(dtype)
+    return out
+
+
+def dequantize(values: NDArray[np.generic], quant: QuantParams) -> FloatArray:
+    """Integers back to real values."""
+    return ((values.astype(np.float32) - quant.zero_point) * quant.scale).astype(np.float32)
+
+
+def file_must_exist(path: Path) -> None:
+    """A clear error instead of a runtime's own message for a missing file."""
+    if not path.is_file():
+        raise BackendError(f"{path}: artifact file not found")
