@@ -28,6 +28,7 @@ with contextlib.suppress(ImportError):  # Python built without lzma cannot open 
     import lzma
 
     _CORRUPT += (lzma.LZMAError,)
+_UNREADABLE: tuple[type[Exception], ...] = (OSError, *_CORRUPT)  # or a missing file
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def unpack(archive: Path | bytes, dest: Path, limits: ArchiveLimits | None = Non
                 mode="r:*",
             ) as tar:
                 _extract_all(tar, staging, limits, origin)
-        except (tarfile.TarError, OSError) as exc:  # missing, unreadable, not a (known) tar
+        except _UNREADABLE as exc:
             raise UnsafeArchiveError(f"{origin}: not a readable tar archive: {exc}") from exc
         staging.rename(dest)
     except BaseException:

@@ -219,7 +219,11 @@ def _check_signature(
         if require_signature:
             raise SignatureError(f"{path}: unsigned bundle, and a signature is required")
         return None
-    signature = Signature.from_bytes(sig_path.read_bytes(), origin=str(sig_path))
+    try:
+        sig_bytes = sig_path.read_bytes()
+    except OSError as exc:
+        raise SignatureError(f"{sig_path}: unreadable: {exc.strerror}") from exc
+    signature = Signature.from_bytes(sig_bytes, origin=str(sig_path))
     if not trusted_keys:
         if require_signature:
             raise SignatureError(f"{path}: a signature is required but no trusted keys are set")
@@ -255,6 +259,9 @@ def commit(
     The manifest's hashes are recomputed from the staged files rather than trusted, so a bug in a
     caller cannot produce a bundle that its own gateway would refuse.
     """
+    listed = {a.file for a in manifest.artifacts} | {manifest.golden.file}
+    if extra := sorted({p.name for p in staging.iterdir()} - listed):
+        raise IntegrityError(f"staged files not listed in the manifest: {', '.join(extra)}")
     for art in manifest.artifacts:
         actual = sha256_file(staging / art.file)
         if actual != art.sha256:

@@ -50,7 +50,8 @@ class Task(str, Enum):
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a manifest from a newer converter must not be half-understood.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or infinity in a normalization or threshold would poison every prediction silently.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_file_name(value: str) -> str:
@@ -159,6 +160,9 @@ class Tolerance(_Strict):
 
 class ParityReport(_Strict):
     """How an artifact compared with the source model on held-out inputs at conversion time."""
+
+    # A failed comparison may be infinite (the artifact produced NaN); it is reported, not stored.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
 
     backend: str
     samples: int = Field(ge=1)

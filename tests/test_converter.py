@@ -1,4 +1,4 @@
-"""The converter end to end: real Keras models → every target → parity → bundle → gateway backends."""
+"""The converter end to end: real Keras models → every target → parity → bundle → backends."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ CONV_CARD = {
     "name": "conv-test",
     "version": "1.2.3",
     "task": "classification",
-    "features": [{"name": "a", "unit": "g"}, {"name": "b", "unit": "g"}, {"name": "c", "unit": "g"}],
+    "features": [{"name": n, "unit": "g"} for n in ("a", "b", "c")],
     "labels": list(tf_models.CLASSES),
 }
 
@@ -243,7 +243,9 @@ def test_parity_failure_message_names_artifact_and_bound(models, tmp_path):
     out = tmp_path / "strict"
     with pytest.raises(ParityError) as info:
         convert(
-            conv_request(models, out, targets=["tflite-fp16"], policy=ParityPolicy(min_agreement=1.01)),
+            conv_request(
+                models, out, targets=["tflite-fp16"], policy=ParityPolicy(min_agreement=1.01)
+            ),
             say=lambda _m: None,
         )
     assert "model.fp16.tflite" in str(info.value)
@@ -318,11 +320,13 @@ def test_calibration_csv_rows_become_windows_and_bad_cells_are_located(models, t
     good = tmp_path / "calib.csv"
     good.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in r) for r in rows))
     out = tmp_path / "csv-bundle"
-    convert(conv_request(models, out, targets=["tflite-int8"], calibration=good), say=lambda _m: None)
+    convert(
+        conv_request(models, out, targets=["tflite-int8"], calibration=good), say=lambda _m: None
+    )
     assert (out / "model.int8.tflite").is_file()
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,3\n4,five,6\n")
-    with pytest.raises(CalibrationDataError, match=r"bad.csv:2"):
+    with pytest.raises(CalibrationDataError, match=r"bad\.csv:2"):
         convert(
             conv_request(models, tmp_path / "o2", targets=["tflite-int8"], calibration=bad),
             say=lambda _m: None,
