@@ -365,7 +365,7 @@ def test_signed_bundle_verifies_and_tampering_is_refused(models, tmp_path):
     data = bytearray((tampered / "model.tflite").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (tampered / "model.tflite").write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="model.tflite"):
+    with pytest.raises(IntegrityError, match=r"model\.tflite"):
         Bundle.open(tampered, trusted_keys=[key], require_signature=True)
 
 
