@@ -9,7 +9,9 @@
     │   └── UnsafeArchiveError   a bundle tar holds traversal, links, devices or is too large
     ├── BackendError             a runtime cannot load or run an artifact
     │   └── RuntimeMissingError  the runtime for an artifact is not installed (names the extra)
-    └── SelfTestError            an artifact disagrees with its bundle's golden outputs
+    ├── SelfTestError            an artifact disagrees with its bundle's golden outputs
+    ├── DecodeError              a sensor message cannot become samples (has a bounded reason code)
+    └── TransportError           the MQTT connection cannot be set up as configured
 
 Foreign exceptions (tarfile, json, onnxruntime, LiteRT) are mapped to these at the boundary with
 ``raise ... from exc`` so callers catch one family and users read one kind of message.
@@ -56,3 +58,20 @@ class RuntimeMissingError(BackendError):
 
 class SelfTestError(FloorlineError):
     """An artifact's outputs on the bundle's golden inputs differ from the stored outputs."""
+
+
+class DecodeError(FloorlineError):
+    """A sensor message that cannot become samples.
+
+    ``reason`` is a short code from a fixed set (see ``edge.decode.REASONS``) so dead-letter
+    messages and metrics have bounded cardinality; ``detail`` is for humans and may be truncated.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TransportError(FloorlineError):
+    """The MQTT connection cannot be set up as configured (TLS files, credentials, address)."""
