@@ -272,6 +272,8 @@ def commit(
     (staging / MANIFEST_FILE).write_bytes(manifest_bytes)
     if signing_key is not None:
         (staging / SIGNATURE_FILE).write_bytes(sign(manifest_bytes, signing_key).to_bytes())
+    # mkdtemp made the staging directory 0700; a bundle is read by an unprivileged service user.
+    staging.chmod(0o755)
     _fsync_tree(staging)
     if dest.exists():
         if not overwrite:

@@ -400,3 +400,26 @@ def test_cli_converts_inspects_benches_and_refuses_overwrite(models, tmp_path, c
 
     assert convert_main(argv) == 1
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_example_model_trains_and_converts_to_every_target_within_bounds(tmp_path, capsys):
+    from converter.examples.pdm import main as example_main  # noqa: PLC0415
+
+    out = tmp_path / "pdm"
+    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--targets", "all"]
+    assert example_main(argv) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    with Bundle.open(out) as bundle:
+        reports = {a.quantization + "/" + a.format: a.parity for a in bundle.manifest.artifacts}
+    assert set(reports) == {
+        "float32/tflite", "float16/tflite", "dynamic/tflite", "int8/tflite", "float32/onnx"
+    }
+    for key, parity in reports.items():
+        assert parity is not None
+        assert parity.passed, key
+        if key.startswith("float32"):
+            assert parity.max_abs_error <= 1e-5, key
+        else:
+            assert parity.top1_agreement is not None
+            assert parity.top1_agreement >= 0.99, key
