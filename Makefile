@@ -7,6 +7,7 @@ export FLOORLINE_EDGE_PYTHON := $(CURDIR)/.venv-edge/bin/python
 export FLOORLINE_TFLITE_PYTHON := $(CURDIR)/.venv-tflite/bin/python
 
 help:
+	@echo "make demo            simulated plant + daemon + live predictions (ARGS='--duration 120')"
 	@echo "make test            bootstrap, lint, type-check and run the whole suite"
 	@echo "make check           ruff + mypy --strict only"
 	@echo "make test-fast       the suite without the TensorFlow converter tests"
@@ -24,6 +25,10 @@ test: check
 
 test-fast: bootstrap
 	$(PY) -m pytest -m "not tensorflow"
+
+demo:
+	@scripts/bootstrap edge
+	.venv-edge/bin/floorline demo $(ARGS)
 
 example-bundle: bootstrap
 	$(PY) -m converter.examples.pdm --out edge/models/pdm-classifier

@@ -1,5 +1,9 @@
 """``floorline``: the gateway-side command line.
 
+    floorline run --config FILE                 the daemon
+    floorline check --config FILE               validate a config, verify and self-test its bundles
+    floorline demo [--duration S]               broker + simulated plant + daemon + live table
+    floorline simulate [--broker HOST:PORT] ... publish a synthetic plant
     floorline selftest BUNDLE [--backend litert|onnx] [--artifact FILE] [--trust KEY.pub]
     floorline inspect BUNDLE [--trust KEY.pub]
     floorline infer BUNDLE --input WINDOWS.npy [--backend ...]
@@ -120,6 +124,129 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from edge.config import load_config  # noqa: PLC0415
+    from edge.daemon import Daemon  # noqa: PLC0415
+
+    config = load_config(args.config)
+    logging.getLogger().setLevel(config.logging.level if not args.verbose else "DEBUG")
+    daemon = Daemon(config)
+    daemon.load()
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        del frame
+        logging.getLogger("edge").info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    daemon.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        daemon.stop()
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from edge.config import load_config  # noqa: PLC0415
+    from edge.daemon import load_model  # noqa: PLC0415
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid config for gateway {config.gateway.id}, "
+          f"{len(config.pipelines)} pipeline(s), broker {config.broker.host}:{config.broker.port}")
+    try:
+        config.broker.credentials()
+    except FloorlineError as exc:
+        print(f"  broker credentials: FAIL  {exc}")
+        return 1
+    failures = 0
+    for pc in config.pipelines:
+        try:
+            loaded = load_model(config, pc)
+        except FloorlineError as exc:
+            failures += 1
+            print(f"  pipeline {pc.name}: FAIL  {exc}")
+            continue
+        m, rep = loaded.bundle.manifest, loaded.selftest
+        signed = f"signed by {loaded.bundle.signed_by}" if loaded.bundle.signed_by else "unsigned"
+        print(
+            f"  pipeline {pc.name}: ok  {m.name} {m.version} ({loaded.artifact.file}, {signed}) on "
+            f"{rep.runtime}; self-test max err {rep.max_abs_error:.2e} (allowed {rep.atol:.0e}); "
+            f"window {m.input.window} x {len(m.input.features)} features, "
+            f"hop {pc.window.hop or m.input.window}, batch {pc.batch.max_batch}"
+            f"/{pc.batch.max_wait_ms:g} ms"
+        )
+        loaded.backend.close()
+        loaded.bundle.close()
+    return 1 if failures else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge.demo import DEFAULT_FAULTS, run_demo  # noqa: PLC0415
+
+    return run_demo(
+        duration=args.duration,
+        assets=args.assets,
+        rate=args.rate,
+        faults=tuple(args.fault) if args.fault else DEFAULT_FAULTS,
+        host=args.host,
+        port=args.port,
+    )
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+
+    from edge.config import BrokerConfig  # noqa: PLC0415
+    from edge.simulator import Fault, PlantConfig, PlantSimulator  # noqa: PLC0415
+    from edge.transport import MqttTransport  # noqa: PLC0415
+
+    host, _, port = args.broker.rpartition(":")
+    broker = BrokerConfig(host=host or "localhost", port=int(port or 1883),
+                          protocol=args.protocol)
+    try:
+        faults = [Fault.parse(f) for f in args.fault or []]
+        plant = PlantConfig(assets=args.assets, line=args.line, rate=args.rate, mode=args.mode,
+                            fmt=args.format, block=args.block, faults=faults, seed=args.seed,
+                            qos=args.qos)
+    except ValueError as exc:
+        print(f"floorline: error: {exc}", file=sys.stderr)
+        return 2
+    transport = MqttTransport(broker, f"floorline-sim-{os.getpid()}", lambda *_: None, [])
+    transport.start()
+    if not transport.wait_connected(10):
+        print(f"floorline: error: no broker at {broker.host}:{broker.port}", file=sys.stderr)
+        transport.stop()
+        return 1
+    sim = PlantSimulator(plant, lambda t, p: transport.publish(t, p, plant.qos, False))
+    print(f"simulating {plant.assets} assets at {plant.rate:g} samples/s each "
+          f"({plant.mode}/{plant.fmt}) to {broker.host}:{broker.port}; Ctrl-C stops")
+    try:
+        sim.run(duration=args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.stop()
+    print(f"published {sim.messages} messages ({sim.samples} samples)")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from edge.config import Config  # noqa: PLC0415
+
+    del args
+    print(json.dumps(Config.model_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory or .tar")
     p.add_argument("--trust", type=Path, action="append", help="trusted public key (repeat)")
@@ -142,6 +269,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"floorline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway daemon")
+    run.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    chk = sub.add_parser("check", help="validate a config and self-test its bundles")
+    chk.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    demo = sub.add_parser("demo", help="simulated plant + daemon + live predictions")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    demo.add_argument("--assets", type=int, default=8, help="pumps to simulate (8)")
+    demo.add_argument("--rate", type=float, default=200.0, help="samples/s per pump (200)")
+    demo.add_argument("--fault", action="append",
+                      help="ASSET=CONDITION[@START_S][+RAMP_S] (repeat); default: three faults")
+    demo.add_argument("--host", default="localhost", help="broker to try first (localhost)")
+    demo.add_argument("--port", type=int, default=1883)
+    sim = sub.add_parser("simulate", help="publish a synthetic plant to a broker")
+    sim.add_argument("--broker", default="localhost:1883", help="HOST:PORT (localhost:1883)")
+    sim.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    sim.add_argument("--assets", type=int, default=8)
+    sim.add_argument("--line", default="line1")
+    sim.add_argument("--rate", type=float, default=200.0, help="samples/s per asset")
+    sim.add_argument("--mode", choices=("sample", "block"), default="sample")
+    sim.add_argument("--format", choices=("json", "binary"), default="json")
+    sim.add_argument("--block", type=int, default=64, help="samples per block message")
+    sim.add_argument("--fault", action="append", help="ASSET=CONDITION[@START_S][+RAMP_S]")
+    sim.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    sub.add_parser("schema", help="print the config JSON Schema (configs/config.schema.json)")
     st = sub.add_parser("selftest", help="verify a bundle and run its golden self-test")
     _bundle_args(st)
     _runtime_args(st)
@@ -156,7 +309,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"selftest": _cmd_selftest, "inspect": _cmd_inspect, "infer": _cmd_infer}
+_COMMANDS = {
+    "run": _cmd_run,
+    "check": _cmd_check,
+    "demo": _cmd_demo,
+    "simulate": _cmd_simulate,
+    "schema": _cmd_schema,
+    "selftest": _cmd_selftest,
+    "inspect": _cmd_inspect,
+    "infer": _cmd_infer,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "run":
+        logging.getLogger().setLevel(logging.INFO)
     try:
         return _COMMANDS[args.command](args)
     except FloorlineError as exc:

@@ -1,0 +1,215 @@
+"""One pipeline at run time: a bounded inbox and a worker thread that runs every stage.
+
+The worker decodes, windows, batches, infers, encodes and publishes. It owns every stage object,
+so none needs a lock. Paho's thread touches only ``offer`` (an enqueue and two counters). A bad
+message is dead-lettered with a bounded reason and never stops the worker; a failed inference
+fails each window of its batch visibly, the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from edge.batch import Batcher
+from edge.config import LimitsConfig, PipelineConfig, TopicsConfig
+from edge.decode import make_decoder
+from edge.encode import PredictionEncoder, dead_letter
+from edge.errors import BackendError, DecodeError
+from edge.normalization import normalize
+from edge.selftest import LoadedModel
+from edge.window import Window, Windower
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes, int, bool], None]
+"""(topic, payload, qos, retain) → queue for sending."""
+
+_POLL_S = 0.1
+
+
+class Pipeline:
+    """A configured stream from subscriptions to predictions."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        gateway: str,
+        topics: TopicsConfig,
+        limits: LimitsConfig,
+        model: LoadedModel,
+        publish: Publish,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.model = model
+        manifest = model.bundle.manifest
+        self._spec = manifest.input
+        self._flat_input = len(self._spec.shape) == 2
+        self._publish = publish
+        self._max_payload = limits.max_payload_bytes
+        self._drain_s = limits.drain_timeout_s
+        self._out_qos = config.output.qos
+        self._out_retain = config.output.retain
+        self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
+        self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue(limits.inbox_size)
+        features = [f.name for f in self._spec.features]
+        self._decoder = make_decoder(config.decoder, features)
+        self._windower = Windower(self._spec.window, len(features), config.window)
+        self._batcher: Batcher[Window] = Batcher(
+            config.batch.max_batch, config.batch.max_wait_ms / 1000.0
+        )
+        self._encoder = PredictionEncoder(
+            gateway=gateway,
+            pipeline=config.name,
+            manifest=manifest,
+            artifact=model.artifact,
+            topic_template=config.output.topic or topics.predictions,
+            labels=config.labels,
+            thresholds=config.thresholds,
+        )
+        self._segment = config.asset.topic_segment
+        self._assets: dict[str, str | None] = {}
+        # Written by paho's thread only: received, dropped_inbox. Everything else by the worker.
+        self.counters: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pipeline-{self.name}", daemon=True)
+
+    # -- paho's thread ----------------------------------------------------------------------
+
+    def offer(self, topic: str, payload: bytes, received: float) -> None:
+        """Enqueue a message; when the inbox is full, drop it and count (never block paho)."""
+        self.counters["received"] += 1
+        try:
+            self.inbox.put_nowait((topic, payload, received))
+        except queue.Full:
+            self.counters["dropped_inbox_full"] += 1
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish queued messages (up to the drain timeout), flush the last batch, stop."""
+        self._stop.set()
+        self._thread.join(self._drain_s + 1.0)
+        if self._thread.is_alive():
+            log.warning("pipeline %s did not drain within %.1fs", self.name, self._drain_s)
+
+    def is_alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread.is_alive()
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        deadline: float | None = None
+        while True:
+            if self._stop.is_set() and deadline is None:
+                deadline = time.monotonic() + self._drain_s
+            timeout = self._batcher.timeout()
+            wait = _POLL_S if timeout is None else min(timeout, _POLL_S)
+            try:
+                topic, payload, received = self.inbox.get(timeout=wait)
+            except queue.Empty:
+                if deadline is not None:
+                    break
+            else:
+                self._handle(topic, payload, received)
+            due = self._batcher.take_due()
+            if due:
+                self._infer(due)
+            self.last_progress = time.monotonic()
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("pipeline %s: drain deadline reached, %d queued messages left",
+                            self.name, self.inbox.qsize())
+                break
+        rest = self._batcher.drain()
+        if rest:
+            self._infer(rest)
+
+    def _asset_of(self, topic: str) -> str | None:
+        if topic in self._assets:
+            return self._assets[topic]
+        asset = None
+        if self._segment is not None:
+            levels = topic.split("/")
+            try:
+                asset = levels[self._segment] or None
+            except IndexError:
+                asset = None
+        if len(self._assets) < 100_000:
+            self._assets[topic] = asset
+        return asset
+
+    def _handle(self, topic: str, payload: bytes, received: float) -> None:
+        size = len(payload)
+        if size > self._max_payload:
+            self._reject("too_large", topic, size, f"over {self._max_payload} bytes")
+            return
+        try:
+            samples = self._decoder.decode(payload)
+            asset = samples.asset if self._segment is None else self._asset_of(topic)
+            windows = self._windower.push(asset, samples, received) if asset else None
+        except DecodeError as exc:
+            self._reject(exc.reason, topic, size, exc.detail)
+            return
+        if windows is None:
+            self._reject("bad_asset", topic, size, "no asset key in topic or payload")
+            return
+        self.counters["decoded"] += 1
+        for window in windows:
+            self.counters["windows"] += 1
+            batch = self._batcher.add(window)
+            if batch:
+                self._infer(batch)
+
+    def _infer(self, batch: list[Window]) -> None:
+        x = np.stack([w.values for w in batch])
+        if self._flat_input:
+            x = x.reshape(len(batch), -1)
+        x = normalize(x, self._spec)
+        start = time.perf_counter()
+        try:
+            out = self.model.backend.infer(x)
+        except BackendError as exc:
+            for w in batch:
+                self._reject("inference_failed", f"window:{w.asset}", 0, str(exc))
+            return
+        inference_ms = (time.perf_counter() - start) * 1e3
+        self.counters["batches"] += 1
+        self.counters["batched_windows"] += len(batch)
+        now = time.monotonic()
+        for window, row in zip(batch, out, strict=True):
+            payload = self._encoder.encode(
+                window, row, inference_ms=inference_ms, batch_size=len(batch), now=now
+            )
+            self._publish(self._encoder.topic(window.asset), payload, self._out_qos,
+                          self._out_retain)
+            self.counters["predictions"] += 1
+
+    def _reject(self, reason: str, topic: str, size: int, detail: str) -> None:
+        self.dead_letters[reason] += 1
+        log.debug("pipeline %s: dead letter %s from %s (%d bytes)", self.name, reason, topic, size)
+        report = dead_letter(self.name, reason, topic, size, detail)
+        self._publish(self._dlq_topic, report, 0, False)
+
+    def stats(self) -> dict[str, object]:
+        """Counters for state reports and tests."""
+        return {
+            **self.counters,
+            "dead_letters": dict(self.dead_letters),
+            "queued": self.inbox.qsize(),
+            "pending_samples": sum(self._windower.pending().values()),
+        }
