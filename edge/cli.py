@@ -188,13 +188,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from edge.demo import DEFAULT_FAULTS, run_demo  # noqa: PLC0415
+    from edge.demo import run_demo  # noqa: PLC0415
 
     return run_demo(
         duration=args.duration,
         assets=args.assets,
         rate=args.rate,
-        faults=tuple(args.fault) if args.fault else DEFAULT_FAULTS,
+        faults=tuple(args.fault) if args.fault else None,
         host=args.host,
         port=args.port,
     )

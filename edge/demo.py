@@ -193,68 +193,89 @@ def run_demo(
     duration: float = 60.0,
     assets: int = 8,
     rate: float = 200.0,
-    faults: tuple[str, ...] = DEFAULT_FAULTS,
+    faults: tuple[str, ...] | None = None,
     host: str = "localhost",
     port: int = 1883,
     out: TextIO | None = None,
 ) -> int:
-    """Run the whole demo; returns an exit code. Prints a summary at the end."""
+    """Run the whole demo; returns an exit code. Prints a summary at the end.
+
+    FAULTS default to DEFAULT_FAULTS for the pumps that exist; explicit ones must name real pumps.
+    """
     out = out or sys.stdout
     tty = out.isatty() and os.environ.get("TERM") != "dumb"
+    try:
+        plant = PlantConfig(assets=assets, rate=rate)
+        names = set(plant.asset_names())
+        if faults is None:
+            faults = tuple(f for f in DEFAULT_FAULTS if f.split("=", 1)[0] in names)
+        plant.faults = [Fault.parse(f) for f in faults]
+    except ValueError as exc:
+        print(f"floorline demo: {exc}", file=sys.stderr)
+        return 2
+    if unknown := sorted({f.asset for f in plant.faults} - names):
+        print(f"floorline demo: faults name pumps that do not exist: {', '.join(unknown)}",
+              file=sys.stderr)
+        return 2
     with broker(host, port) as (bhost, bport, where):
         config = demo_config(bhost, bport)
         daemon = Daemon(config)
         daemon.load()
-        daemon.start()
         board = PredictionBoard()
         watcher = MqttTransport(
             config.broker, f"floorline-demo-view-{os.getpid()}", board.on_message,
             [("floorline/demo/pred/#", 0)],
         )
-        watcher.start()
         publisher = MqttTransport(config.broker, f"floorline-demo-plant-{os.getpid()}",
                                   lambda *_: None, [])
-        publisher.start()
-        if not (daemon.transport and daemon.transport.wait_connected(10)
-                and watcher.wait_connected(10) and publisher.wait_connected(10)):
-            print(f"floorline demo: could not connect to the {where}", file=sys.stderr)
-            daemon.stop()
-            return 1
-        sim = PlantSimulator(
-            PlantConfig(assets=assets, rate=rate, faults=[Fault.parse(f) for f in faults]),
-            lambda topic, payload: publisher.publish(topic, payload, 0, False),
-        )
-        sim_thread = threading.Thread(target=sim.run, kwargs={"duration": duration}, daemon=True)
-        if not tty:
-            out.write(f"floorline demo: {where}; {assets} pumps at {rate:g} samples/s for "
-                      f"{duration:g} s; faults: {', '.join(faults) or 'none'}\n")
-        start = time.monotonic()
-        sim_thread.start()
-        last = (start, 0, 0)
-        rates = (0.0, 0.0)
+        sim = PlantSimulator(plant, lambda t, p: publisher.publish(t, p, 0, False))
         try:
-            while sim_thread.is_alive():
-                sim_thread.join(1.0 if tty else 5.0)
-                now = time.monotonic()
-                received = sum(p.counters["received"] for p in daemon.pipelines)
-                dt = max(now - last[0], 1e-6)
-                rates = ((received - last[1]) / dt, (board.total - last[2]) / dt)
-                last = (now, received, board.total)
-                frame = _render(sim, board, daemon, where, now - start, duration, rates)
-                if tty:
-                    out.write("\x1b[H\x1b[J" + frame + "\n")
-                else:
-                    out.write(f"t={now - start:3.0f}s  " + frame.splitlines()[-2].strip() + "\n")
-                out.flush()
-        except KeyboardInterrupt:
-            sim.stop()
-            sim_thread.join(2)
-        time.sleep(0.5)  # let the last windows come back before the summary
-        daemon.stop()
-        watcher.stop()
-        publisher.stop()
+            daemon.start()
+            watcher.start()
+            publisher.start()
+            if not (daemon.transport and daemon.transport.wait_connected(10)
+                    and watcher.wait_connected(10) and publisher.wait_connected(10)):
+                print(f"floorline demo: could not connect to the {where}", file=sys.stderr)
+                return 1
+            if not tty:
+                out.write(f"floorline demo: {where}; {assets} pumps at {rate:g} samples/s for "
+                          f"{duration:g} s; faults: {', '.join(faults) or 'none'}\n")
+            _show(sim, board, daemon, where, duration, out, tty)
+            time.sleep(0.5)  # let the last windows come back before the summary
+        finally:
+            daemon.stop()
+            watcher.stop()
+            publisher.stop()
     out.write(_summary(sim, board, daemon) + "\n")
     return 0
+
+
+def _show(
+    sim: PlantSimulator, board: PredictionBoard, daemon: Daemon, where: str, duration: float,
+    out: TextIO, tty: bool,
+) -> None:
+    """Run the simulator for DURATION, redrawing the table (or printing a line) as it goes."""
+    sim_thread = threading.Thread(target=sim.run, kwargs={"duration": duration}, daemon=True)
+    start = time.monotonic()
+    sim_thread.start()
+    last = (start, 0, 0)
+    try:
+        while sim_thread.is_alive():
+            sim_thread.join(1.0 if tty else 5.0)
+            now = time.monotonic()
+            received = sum(p.counters["received"] for p in daemon.pipelines)
+            dt = max(now - last[0], 1e-6)
+            rates = ((received - last[1]) / dt, (board.total - last[2]) / dt)
+            last = (now, received, board.total)
+            frame = _render(sim, board, daemon, where, now - start, duration, rates)
+            if tty:
+                out.write("\x1b[H\x1b[J" + frame + "\n")
+            else:
+                out.write(f"t={now - start:3.0f}s  " + frame.splitlines()[-2].strip() + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        sim.stop()
+        sim_thread.join(2)
 
 
 def _summary(sim: PlantSimulator, board: PredictionBoard, daemon: Daemon) -> str:

@@ -56,6 +56,8 @@ class MqttTransport:
         self._subscriptions = subscriptions
         self._on_connect_hook = on_connect
         self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        """Set when the broker acknowledged this connection's subscriptions."""
         self.connects = 0
         self._closing = False
         self.last_error: str | None = None
@@ -69,6 +71,9 @@ class MqttTransport:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect_fail = self._on_connect_fail
+        self._failures = 0
         # Paho retries queued QoS>0 messages itself; a larger window keeps prediction bursts moving.
         self._client.max_inflight_messages_set(100)
         self._client.max_queued_messages_set(0)
@@ -119,9 +124,13 @@ class MqttTransport:
             log.error("%s", self.last_error)
             return
         self.connects += 1
+        self._failures = 0
         self.last_error = None
+        self.subscribed.clear()
         if self._subscriptions:
             client.subscribe(list(self._subscriptions))
+        else:
+            self.subscribed.set()
         self.connected.set()
         log.info(
             "connected to %s:%d (MQTT %s)",
@@ -131,6 +140,36 @@ class MqttTransport:
         )
         if self._on_connect_hook is not None:
             self._on_connect_hook()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # TCP or TLS failed before any CONNACK. Say it once per outage, not once per retry.
+        del client, userdata
+        self._failures += 1
+        self.last_error = (
+            f"cannot connect to {self._broker.host}:{self._broker.port} "
+            f"(network or TLS handshake failed; {self._failures} attempts)"
+        )
+        if self._failures == 1:
+            log.warning("%s; retrying with backoff", self.last_error)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        del client, userdata, mid, properties
+        refused = [
+            f for (f, _), code in zip(self._subscriptions, reason_codes, strict=False)
+            if code.is_failure
+        ]
+        if refused:
+            # A broker ACL can refuse a filter while accepting the connection: say which.
+            self.last_error = f"broker refused subscriptions: {', '.join(refused)}"
+            log.error("%s", self.last_error)
+        self.subscribed.set()
 
     def _on_disconnect(
         self,
@@ -144,6 +183,7 @@ class MqttTransport:
         if self.connected.is_set() and not self._closing:
             log.warning("disconnected from the broker: %s", reason_code)
         self.connected.clear()
+        self.subscribed.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         del client, userdata

@@ -1,0 +1,133 @@
+"""Broker fixtures: each starts its own mosquitto on a free port, never the system one on 1883.
+
+``mosquitto`` is a fresh plain broker per test (for tests that kill or restart it);
+``mosquitto_session`` is one shared plain broker for tests that only need somewhere to talk, with
+``unique_topic`` keeping their traffic apart. ``auth_broker``, ``tls_broker`` and ``mtls_broker``
+are per test. ``mqtt_client`` makes connected ``MqttProbe`` clients that are closed afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from tests.mqtt_broker import (
+    AUTH_PASSWORD,
+    AUTH_USER,
+    BrokerFactory,
+    Config,
+    Mosquitto,
+    MqttProbe,
+    ProbeFactory,
+    TlsMaterial,
+    make_tls_material,
+)
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
+    """``broker_factory(config, users=..., tls=..., require_certificate=...)`` → started broker."""
+    brokers: list[Mosquitto] = []
+
+    def start(
+        config: Config = "plain",
+        *,
+        users: dict[str, str] | None = None,
+        tls: TlsMaterial | None = None,
+        require_certificate: bool = False,
+    ) -> Mosquitto:
+        broker = Mosquitto(
+            tmp_path / f"mosquitto-{len(brokers)}",
+            config,
+            users=users,
+            tls=tls,
+            require_certificate=require_certificate,
+        )
+        brokers.append(broker)
+        return broker.start()
+
+    yield start
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(broker_factory: BrokerFactory) -> Mosquitto:
+    """A plain broker of this test's own: kill it, restart it, read its log."""
+    return broker_factory()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One plain broker for the whole session; use ``unique_topic`` and don't stop it."""
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto-session")).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> str:
+    """A topic prefix of this test's own, e.g. ``test/test_roundtrip-5-1a2b3c4d``."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")[:80]
+    return f"test/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def tls_material(tmp_path: Path) -> TlsMaterial:
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    return make_tls_material(tmp_path / "tls")
+
+
+@pytest.fixture
+def auth_broker(broker_factory: BrokerFactory) -> Mosquitto:
+    """A broker that refuses anonymous clients; ``broker.users`` holds the one valid login."""
+    return broker_factory("auth", users={AUTH_USER: AUTH_PASSWORD})
+
+
+@pytest.fixture
+def tls_broker(broker_factory: BrokerFactory, tls_material: TlsMaterial) -> Mosquitto:
+    """A TLS broker with the test CA's server certificate; client certificates optional."""
+    return broker_factory("tls", tls=tls_material)
+
+
+@pytest.fixture
+def mtls_broker(broker_factory: BrokerFactory, tls_material: TlsMaterial) -> Mosquitto:
+    """A TLS broker that requires a client certificate signed by the test CA."""
+    return broker_factory("tls", tls=tls_material, require_certificate=True)
+
+
+@pytest.fixture
+def mqtt_client() -> Iterator[ProbeFactory]:
+    """``mqtt_client(broker)`` → a connected MqttProbe; all are closed after the test.
+
+    Credentials and TLS files default from the broker (its first user; its CA, and the client
+    certificate if it requires one); keyword arguments go to ``MqttProbe.connect``.
+    """
+    probes: list[MqttProbe] = []
+
+    def make(
+        broker: Mosquitto,
+        *,
+        client_id: str | None = None,
+        protocol: Literal["3.1.1", "5"] = "5",
+        **connect: Any,
+    ) -> MqttProbe:
+        if broker.users and "username" not in connect:
+            connect["username"], connect["password"] = next(iter(broker.users.items()))
+        if broker.tls is not None:
+            connect.setdefault("ca_file", broker.tls.ca_cert)
+            if broker.require_certificate:
+                connect.setdefault("cert_file", broker.tls.client_cert)
+                connect.setdefault("key_file", broker.tls.client_key)
+        probe = MqttProbe(client_id, protocol=protocol)
+        probes.append(probe)
+        return probe.connect(broker.host, broker.port, **connect)
+
+    yield make
+    for probe in probes:
+        probe.close()

@@ -1,0 +1,478 @@
+"""MqttTransport against a real mosquitto: protocols, reconnects, auth, TLS, will and shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from edge.config import BrokerConfig, TlsConfig
+from edge.errors import ConfigError, TransportError
+from edge.transport import MqttTransport, Will
+from tests.mqtt_broker import (
+    AUTH_PASSWORD,
+    AUTH_USER,
+    Mosquitto,
+    ProbeFactory,
+    TlsMaterial,
+    make_tls_material,
+    wait_until,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONNECT_TIMEOUT_S = 5.0
+# mosquitto's "New client connected ... (p5, ...)": p2 is MQTT 3.1.1 on the wire.
+WIRE_PROTOCOL = {"5": "p5", "3.1.1": "p2"}
+ENV_VAR = "FLOORLINE_TEST_MQTT_PASSWORD"
+UNSET_VAR = "FLOORLINE_TEST_UNSET_PASSWORD"
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the transport handed to its message handler."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+class Inbox:
+    """A thread-safe MessageHandler that records calls and lets the test wait for them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: list[Received] = []
+
+    def __call__(self, topic: str, payload: bytes, received_at: float) -> None:
+        with self._cond:
+            self._items.append(Received(topic, payload, received_at))
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[Received]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._items) >= n, timeout):
+                raise TimeoutError(f"handler got {len(self._items)} of {n} message(s)")
+            return list(self._items[:n])
+
+
+@dataclass(frozen=True)
+class Running:
+    """A started transport, its inbox, and the client id the broker sees."""
+
+    transport: MqttTransport
+    inbox: Inbox
+    client_id: str
+
+
+StartTransport = Callable[..., Running]
+
+
+def broker_config(broker: Mosquitto, **fields: Any) -> BrokerConfig:
+    # Reconnect fast. The transport rounds delays to whole seconds, at least 1 (paho takes ints).
+    values: dict[str, Any] = {
+        "host": broker.host,
+        "port": broker.port,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+    }
+    return BrokerConfig(**(values | fields))
+
+
+@pytest.fixture
+def start_transport() -> Iterator[StartTransport]:
+    """``start_transport(config, subscriptions, will=None)`` → Running; stopped after the test."""
+    started: list[MqttTransport] = []
+
+    def start(
+        config: BrokerConfig,
+        subscriptions: list[tuple[str, int]] | None = None,
+        will: Will | None = None,
+    ) -> Running:
+        inbox = Inbox()
+        client_id = f"floorline-test-{uuid.uuid4().hex[:8]}"
+        transport = MqttTransport(config, client_id, inbox, subscriptions or [], will=will)
+        started.append(transport)
+        transport.start()
+        return Running(transport, inbox, client_id)
+
+    yield start
+    for transport in started:
+        transport.stop(timeout=1.0)
+
+
+# -- plain broker: protocols, messages, reconnects ------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_transport_receives_and_publishes_over_each_protocol(
+    protocol: Literal["5", "3.1.1"],
+    mosquitto_session: Mosquitto,
+    unique_topic: str,
+    mqtt_client: ProbeFactory,
+    start_transport: StartTransport,
+) -> None:
+    broker = mosquitto_session
+    probe = mqtt_client(broker)
+    probe.subscribe(f"{unique_topic}/out/#")
+    mark = broker.log_mark()
+    run = start_transport(broker_config(broker, protocol=protocol), [(f"{unique_topic}/in/#", 1)])
+
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+    assert run.transport.connects == 1
+    assert run.transport.last_error is None
+    connected = broker.wait_for_log(rf"as {run.client_id} \(", since=mark)
+    assert f"({WIRE_PROTOCOL[protocol]}, c1, k30" in connected
+    broker.wait_subscribed(run.client_id, f"{unique_topic}/in/#", since=mark)
+
+    sent_at = time.monotonic()
+    probe.publish(f"{unique_topic}/in/pump-07/vibration", b"0.25,0.5", qos=1)
+    [received] = run.inbox.wait_for(1)
+    assert received.topic == f"{unique_topic}/in/pump-07/vibration"
+    assert received.payload == b"0.25,0.5"
+    assert sent_at <= received.received_at <= time.monotonic()
+
+    run.transport.publish(f"{unique_topic}/out/pred/pump-07", b'{"label":"ok"}', qos=1)
+    [message] = probe.wait_for(1, f"{unique_topic}/out/#")
+    assert message.topic == f"{unique_topic}/out/pred/pump-07"
+    assert message.payload == b'{"label":"ok"}'
+    assert message.qos == 1
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_transport_resubscribes_after_the_broker_restarts(
+    protocol: Literal["5", "3.1.1"],
+    mosquitto: Mosquitto,
+    unique_topic: str,
+    mqtt_client: ProbeFactory,
+    start_transport: StartTransport,
+) -> None:
+    topic_filter = f"{unique_topic}/in/#"
+    run = start_transport(broker_config(mosquitto, protocol=protocol), [(topic_filter, 1)])
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+
+    mosquitto.kill()
+    wait_until(lambda: not run.transport.connected.is_set(), 5, "the transport to see the loss")
+    mark = mosquitto.log_mark()
+    mosquitto.restart()
+
+    wait_until(lambda: run.transport.connects == 2, 10, "the transport to reconnect")
+    # The session was clean: only a SUBSCRIBE sent after the restart puts the filter back.
+    mosquitto.wait_subscribed(run.client_id, topic_filter, since=mark)
+    mqtt_client(mosquitto).publish(f"{unique_topic}/in/after-restart", b"still here", qos=1)
+    [received] = run.inbox.wait_for(1)
+    assert (received.topic, received.payload) == (f"{unique_topic}/in/after-restart", b"still here")
+
+
+def test_stop_returns_promptly_when_the_broker_is_unreachable(
+    mosquitto: Mosquitto, start_transport: StartTransport
+) -> None:
+    config = broker_config(mosquitto)
+    mosquitto.kill()  # nothing listens on its port now
+    run = start_transport(config)
+    started = time.monotonic()
+    run.transport.stop(final=[("never/sent", b"x", 1, True)])
+    assert time.monotonic() - started < 2.0
+    assert run.transport.connects == 0
+
+
+# -- password authentication ----------------------------------------------------------------------
+
+
+def test_password_from_environment_connects(
+    auth_broker: Mosquitto, start_transport: StartTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_VAR, AUTH_PASSWORD)
+    config = broker_config(
+        auth_broker, username=AUTH_USER, password_env=ENV_VAR
+    )
+    mark = auth_broker.log_mark()
+    run = start_transport(config)
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+    auth_broker.wait_for_log(rf"as {run.client_id} \(.*u'{AUTH_USER}'\)", since=mark)
+
+
+def test_password_from_file_connects(
+    auth_broker: Mosquitto, start_transport: StartTransport, tmp_path: Path
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text(AUTH_PASSWORD + "\n")  # as `echo` or systemd-creds leave it
+    run = start_transport(broker_config(auth_broker, username=AUTH_USER, password_file=secret))
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_wrong_password_is_refused_and_retried_until_the_broker_accepts_it(
+    protocol: Literal["5", "3.1.1"],
+    auth_broker: Mosquitto,
+    start_transport: StartTransport,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ENV_VAR, "not-the-password")
+    config = broker_config(
+        auth_broker,
+        protocol=protocol,
+        username=AUTH_USER,
+        password_env=ENV_VAR,
+    )
+    mark = auth_broker.log_mark()
+    run = start_transport(config)
+
+    wait_until(lambda: run.transport.last_error is not None, 5, "the refusal")
+    assert "refused" in str(run.transport.last_error)
+    assert "not authorized" in str(run.transport.last_error).lower()
+    wait_until(
+        lambda: auth_broker.count_log(r"disconnected, not authorised", since=mark) >= 2,
+        5,
+        "a second attempt",
+    )
+    assert not run.transport.connected.is_set()
+    assert run.transport.connects == 0
+
+    # The operator fixes the broker side; the gateway gets in without being restarted.
+    auth_broker.set_password(AUTH_USER, "not-the-password")
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+    assert run.transport.connects == 1
+    assert run.transport.last_error is None
+
+
+def test_missing_password_variable_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(UNSET_VAR, raising=False)
+    config = BrokerConfig(username=AUTH_USER, password_env=UNSET_VAR)
+    with pytest.raises(ConfigError, match=rf"password_env: \${UNSET_VAR}"):
+        MqttTransport(config, "floorline-test", Inbox(), [])
+
+
+def test_unreadable_password_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    config = BrokerConfig(username=AUTH_USER, password_file=tmp_path / "no-such-secret")
+    with pytest.raises(ConfigError, match=r"password_file: cannot read .*no-such-secret"):
+        MqttTransport(config, "floorline-test", Inbox(), [])
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def test_tls_with_the_ca_file_connects_and_carries_messages(
+    tls_broker: Mosquitto,
+    tls_material: TlsMaterial,
+    unique_topic: str,
+    mqtt_client: ProbeFactory,
+    start_transport: StartTransport,
+) -> None:
+    probe = mqtt_client(tls_broker)
+    probe.subscribe(f"{unique_topic}/#")
+    run = start_transport(broker_config(tls_broker, tls=TlsConfig(ca_file=tls_material.ca_cert)))
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+    run.transport.publish(f"{unique_topic}/state", b"online", qos=1)
+    [message] = probe.wait_for(1)
+    assert message.payload == b"online"
+
+
+def test_tls_refuses_a_broker_certificate_from_another_ca(
+    tls_broker: Mosquitto, tmp_path: Path, start_transport: StartTransport
+) -> None:
+    stranger = make_tls_material(tmp_path / "other-ca", name="stranger")
+    mark = tls_broker.log_mark()
+    run = start_transport(broker_config(tls_broker, tls=TlsConfig(ca_file=stranger.ca_cert)))
+    # mosquitto logs the alert the gateway sent when it rejected the broker's certificate.
+    wait_until(
+        lambda: tls_broker.count_log(r"alert unknown ca", since=mark) >= 1,
+        10,
+        "a handshake the gateway aborted",
+    )
+    assert not run.transport.connected.is_set()
+    assert run.transport.connects == 0
+
+
+def test_mutual_tls_connects_with_the_client_certificate(
+    mtls_broker: Mosquitto, tls_material: TlsMaterial, start_transport: StartTransport
+) -> None:
+    tls = TlsConfig(
+        ca_file=tls_material.ca_cert,
+        cert_file=tls_material.client_cert,
+        key_file=tls_material.client_key,
+    )
+    run = start_transport(broker_config(mtls_broker, tls=tls))
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+
+
+def test_mutual_tls_without_a_client_certificate_never_connects(
+    mtls_broker: Mosquitto, tls_material: TlsMaterial, start_transport: StartTransport
+) -> None:
+    mark = mtls_broker.log_mark()
+    run = start_transport(broker_config(mtls_broker, tls=TlsConfig(ca_file=tls_material.ca_cert)))
+    wait_until(
+        lambda: mtls_broker.count_log(r"peer did not return a certificate", since=mark) >= 1,
+        10,
+        "a handshake refused for want of a client certificate",
+    )
+    assert not run.transport.connected.is_set()
+    assert run.transport.connects == 0
+
+
+@pytest.mark.parametrize("field", ["ca_file", "cert_file", "key_file"])
+def test_missing_tls_file_is_a_transport_error_naming_the_field(
+    field: str, tls_material: TlsMaterial, tmp_path: Path
+) -> None:
+    files = {
+        "ca_file": tls_material.ca_cert,
+        "cert_file": tls_material.client_cert,
+        "key_file": tls_material.client_key,
+    }
+    files[field] = tmp_path / "missing.pem"
+    tls = TlsConfig(
+        ca_file=files["ca_file"], cert_file=files["cert_file"], key_file=files["key_file"]
+    )
+    config = BrokerConfig(port=8883, tls=tls)
+    with pytest.raises(TransportError, match=rf"broker\.tls\.{field}: .*missing\.pem"):
+        MqttTransport(config, "floorline-test", Inbox(), [])
+
+
+# -- last will and shutdown ---------------------------------------------------------------------
+
+# A gateway in its own process, so the test can kill it the way a power cut or OOM kill would.
+_GATEWAY = """
+import sys
+from edge.config import BrokerConfig
+from edge.transport import MqttTransport, Will
+
+host, port, state, keepalive, client_id = sys.argv[1:6]
+transport = MqttTransport(
+    BrokerConfig(host=host, port=int(port), keepalive=int(keepalive)),
+    client_id,
+    lambda *message: None,
+    [],
+    will=Will(state, b"lost"),
+)
+transport.start()
+if not transport.wait_connected(10):
+    sys.exit(3)
+transport.publish(state, b"online", qos=1, retain=True).wait_for_publish(10)
+sys.stdin.read()  # until killed, or until the test's end of the pipe closes
+"""
+
+
+@dataclass(frozen=True)
+class GatewayProcess:
+    """A transport with a will, running in a child process."""
+
+    proc: subprocess.Popen[bytes]
+    client_id: str
+
+
+SpawnGateway = Callable[[Mosquitto, str, int], GatewayProcess]
+
+
+@pytest.fixture
+def gateway_process() -> Iterator[SpawnGateway]:
+    """``gateway_process(broker, state_topic, keepalive)``; killed after the test."""
+    children: list[subprocess.Popen[bytes]] = []
+
+    def spawn(broker: Mosquitto, state: str, keepalive: int) -> GatewayProcess:
+        client_id = f"floorline-will-{uuid.uuid4().hex[:8]}"
+        argv = [sys.executable, "-c", _GATEWAY, broker.host, str(broker.port), state,
+                str(keepalive), client_id]
+        child = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE)
+        children.append(child)
+        return GatewayProcess(child, client_id)
+
+    yield spawn
+    for child in children:
+        if child.poll() is None:
+            child.kill()  # SIGKILL also ends a stopped process
+        child.wait(5)
+
+
+def _assert_retained(
+    broker: Mosquitto, mqtt_client: ProbeFactory, topic: str, payload: bytes
+) -> None:
+    late = mqtt_client(broker)
+    late.subscribe(topic)
+    [message] = late.wait_for(1, topic, timeout=5)
+    assert (message.payload, message.retain) == (payload, True)
+
+
+def test_broker_publishes_the_will_when_the_gateway_process_is_killed(
+    mosquitto_session: Mosquitto,
+    unique_topic: str,
+    mqtt_client: ProbeFactory,
+    gateway_process: SpawnGateway,
+) -> None:
+    state = f"{unique_topic}/state"
+    probe = mqtt_client(mosquitto_session)
+    probe.subscribe(state)
+    gateway = gateway_process(mosquitto_session, state, 30)
+    [online] = probe.wait_for(1, timeout=15)  # includes the child's interpreter start-up
+    assert online.payload == b"online"
+
+    gateway.proc.kill()  # SIGKILL: the kernel closes the socket, no DISCONNECT is sent
+    will = probe.wait_for(2, timeout=5)[1]
+    assert will.payload == b"lost"
+    _assert_retained(mosquitto_session, mqtt_client, state, b"lost")
+
+
+@pytest.mark.slow
+def test_broker_publishes_the_will_after_keepalive_expiry_when_the_gateway_hangs(
+    mosquitto_session: Mosquitto,
+    unique_topic: str,
+    mqtt_client: ProbeFactory,
+    gateway_process: SpawnGateway,
+) -> None:
+    state = f"{unique_topic}/state"
+    probe = mqtt_client(mosquitto_session)
+    probe.subscribe(state)
+    gateway = gateway_process(mosquitto_session, state, 5)
+    probe.wait_for(1, timeout=15)
+    mark = mosquitto_session.log_mark()
+
+    # SIGSTOP keeps the socket open but silent, like a hung host or a cut cable: only the
+    # broker's keepalive check can notice. The spec says 1.5 x 5 s; mosquitto 2.0.11 takes
+    # about 11 s, hence the 20 s bound.
+    os.kill(gateway.proc.pid, signal.SIGSTOP)
+    will = probe.wait_for(2, timeout=20)[1]
+    assert will.payload == b"lost"
+    mosquitto_session.wait_for_log(rf"Client {gateway.client_id} has exceeded timeout", since=mark)
+
+
+def test_stop_publishes_final_messages_then_disconnects_without_the_will(
+    mosquitto_session: Mosquitto,
+    unique_topic: str,
+    mqtt_client: ProbeFactory,
+    start_transport: StartTransport,
+) -> None:
+    broker = mosquitto_session
+    state, bye = f"{unique_topic}/state", f"{unique_topic}/bye"
+    probe = mqtt_client(broker)
+    probe.subscribe(f"{unique_topic}/#")
+    run = start_transport(broker_config(broker), will=Will(state, b"lost"))
+    assert run.transport.wait_connected(CONNECT_TIMEOUT_S)
+    mark = broker.log_mark()
+
+    run.transport.stop(final=[(state, b"offline", 1, True), (bye, b"bye", 0, False)])
+
+    assert [(m.topic, m.payload) for m in probe.wait_for(2)] == [
+        (state, b"offline"),
+        (bye, b"bye"),
+    ]
+    assert not run.transport.connected.is_set()
+    # A clean DISCONNECT, so the broker discards the will; once it has logged the disconnect,
+    # a will would already be retained.
+    broker.wait_for_log(rf"Client {run.client_id} disconnected\.$", since=mark)
+    _assert_retained(broker, mqtt_client, state, b"offline")
+    late = mqtt_client(broker)
+    late.subscribe(f"{unique_topic}/#")
+    late.publish(f"{unique_topic}/marker", b"", qos=1)
+    late.wait_for(1, f"{unique_topic}/marker", timeout=5)
+    retained = [(m.topic, m.retain) for m in late.messages if m.topic != f"{unique_topic}/marker"]
+    assert retained == [(state, True)]  # "bye" was not retained
