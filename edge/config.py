@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -47,17 +48,21 @@ def _check_filter(value: str) -> str:
     return value
 
 
+def _check_name(value: str) -> str:
+    # Names end up in topic levels and metric labels: no MQTT wildcards or separators.
+    if not _SLUG.fullmatch(value):
+        raise ValueError("use letters, digits, '.', '_' or '-' (max 64), no '/', '+' or '#'")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
 class GatewayConfig(_Strict):
     """Who this gateway is."""
 
-    id: str = Field(description="Gateway id, used in topics and the client id, e.g. 'line1-gw01'.")
+    id: Name = Field(description="Gateway id, used in topics and the client id, e.g. 'line1-gw01'.")
 
-    @field_validator("id")
-    @classmethod
-    def _slug(cls, value: str) -> str:
-        if not _SLUG.fullmatch(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (max 64), no '/', '+' or '#'")
-        return value
 
 
 class TlsConfig(_Strict):
@@ -186,7 +191,7 @@ class OutputConfig(_Strict):
 class PipelineConfig(_Strict):
     """One stream: subscriptions → decoder → windows → batches → model → predictions."""
 
-    name: str = Field(description="Pipeline name, used in topics and metrics.")
+    name: Name = Field(description="Pipeline name, used in topics and metrics.")
     subscribe: list[str] = Field(min_length=1, description="MQTT topic filters to subscribe to.")
     qos: Literal[0, 1, 2] = Field(default=1, description="Subscription QoS.")
     bundle: Path = Field(description="Bundle directory or .tar (relative to this file).")
@@ -207,13 +212,6 @@ class PipelineConfig(_Strict):
     thresholds: dict[str, float] | None = Field(
         default=None, description="Override the bundle's thresholds."
     )
-
-    @field_validator("name")
-    @classmethod
-    def _slug(cls, value: str) -> str:
-        if not _SLUG.fullmatch(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (max 64)")
-        return value
 
     @field_validator("subscribe")
     @classmethod
