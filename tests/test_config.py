@@ -61,7 +61,7 @@ def test_invalid_topic_filters_are_refused(bad_filter):
 
 @pytest.mark.parametrize("name", ["a/b", "a+", "#", ""])
 def test_names_that_would_break_topics_are_refused(name):
-    with pytest.raises(ConfigError, match="gateway.id"):
+    with pytest.raises(ConfigError, match=r"gateway\.id"):
         parse_config(f"gateway: {{id: '{name}'}}\n" + PIPELINE)
 
 
