@@ -26,6 +26,7 @@ from pydantic import (
 from edge.batch import BatchConfig
 from edge.decode import DecoderConfig
 from edge.errors import ConfigError
+from edge.outbox import OutboxConfig
 from edge.window import WindowConfig
 
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -104,6 +105,14 @@ class BrokerConfig(_Strict):
         description="File holding the password, e.g. $CREDENTIALS_DIRECTORY/mqtt-password.",
     )
     tls: TlsConfig | None = Field(default=None, description="TLS settings; omit for plain TCP.")
+    clean_start: bool = Field(
+        default=True,
+        description="Start a fresh session. false (with session_expiry_s on MQTT 5) keeps a "
+        "persistent session: the broker holds QoS 1 input for this gateway while it is away.",
+    )
+    session_expiry_s: int = Field(
+        default=0, ge=0, description="MQTT 5: how long the broker keeps the session after a drop."
+    )
     reconnect_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=60.0, gt=0, description="Largest reconnect delay.")
 
@@ -208,6 +217,13 @@ class PipelineConfig(_Strict):
     window: WindowConfig = Field(default_factory=WindowConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    ack: Literal["receipt", "durable"] = Field(
+        default="receipt",
+        description="When input is acknowledged to the broker. receipt: on arrival (a crash "
+        "loses the partial windows held in memory). durable: once what a message contributes "
+        "is safe (its predictions in the outbox, its samples in the window journal); needs QoS 1, "
+        "sequence numbers and a persistent session.",
+    )
     labels: list[str] | None = Field(default=None, description="Override the bundle's labels.")
     thresholds: dict[str, float] | None = Field(
         default=None, description="Override the bundle's thresholds."
@@ -219,6 +235,14 @@ class PipelineConfig(_Strict):
         return [_check_filter(v) for v in value]
 
 
+def _has_sequence(decoder: DecoderConfig) -> bool:
+    if decoder.type == "json":
+        return decoder.sequence is not None
+    if decoder.type == "binary":
+        return decoder.header == "timestamp_sequence"
+    return "sequence" in decoder.columns
+
+
 class LimitsConfig(_Strict):
     """Bounds that keep a gateway alive under bad or excessive input."""
 
@@ -227,6 +251,11 @@ class LimitsConfig(_Strict):
     )
     inbox_size: int = Field(
         default=20000, ge=10, description="Messages queued per pipeline; beyond, new ones drop."
+    )
+    max_packet_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64,
+        description="MQTT 5 Maximum Packet Size: the broker never sends larger messages.",
     )
     drain_timeout_s: float = Field(
         default=5.0, ge=0, description="On shutdown, how long workers may finish queued work."
@@ -260,14 +289,46 @@ class Config(_Strict):
     trust: TrustConfig = Field(default_factory=TrustConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    state_dir: Path | None = Field(
+        default=None,
+        description="Where the outbox and window journal live. Default: $STATE_DIRECTORY "
+        "(set by systemd's StateDirectory=), else 'floorline-state' beside this file.",
+    )
     pipelines: list[PipelineConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Config:
+    def _consistent(self) -> Config:
         names = [p.name for p in self.pipelines]
         if len(set(names)) != len(names):
             raise ValueError("pipeline names must be unique")
+        for p in self.pipelines:
+            if p.ack != "durable":
+                continue
+            # Each requirement closes one way to lose or double-count input across a restart.
+            if p.qos < 1:
+                raise ValueError(f"pipeline {p.name}: ack durable needs qos 1 or 2")
+            if not _has_sequence(p.decoder):
+                raise ValueError(
+                    f"pipeline {p.name}: ack durable needs sequence numbers in the input "
+                    "(decoder sequence / header timestamp_sequence / a 'sequence' column) so "
+                    "redelivered messages are recognised"
+                )
+            if self.broker.clean_start:
+                raise ValueError(
+                    f"pipeline {p.name}: ack durable needs broker.clean_start: false (and "
+                    "session_expiry_s on MQTT 5) so the broker keeps unacknowledged input"
+                )
         return self
+
+    def resolved_state_dir(self) -> Path:
+        """The state directory in use (see ``state_dir``)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        env = os.environ.get("STATE_DIRECTORY")
+        if env:
+            return Path(env.split(":")[0])
+        return Path("floorline-state")
 
     def client_id(self) -> str:
         """The MQTT client id: configured, or derived from the gateway id."""
@@ -301,6 +362,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     for p in config.pipelines:
         p.bundle = rel(p.bundle) or p.bundle
+    config.state_dir = rel(config.state_dir) or config.state_dir
+    if config.state_dir is None and not os.environ.get("STATE_DIRECTORY"):
+        config.state_dir = base / "floorline-state"
     b = config.broker
     if b.password_file is not None:
         b.password_file = rel(b.password_file) or b.password_file

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -38,6 +39,7 @@ DEFAULT_FAULTS = (
 
 _CONFIG = """
 gateway: {{id: demo}}
+state_dir: "{state_dir}"
 broker: {{host: "{host}", port: {port}, protocol: "3.1.1", keepalive: 15}}
 pipelines:
   - name: vibration
@@ -54,7 +56,11 @@ pipelines:
 
 def demo_config(host: str, port: int, bundle: Path = EXAMPLE_BUNDLE) -> Config:
     """The demo's gateway config: one pipeline, the example bundle, per-sample JSON."""
-    return parse_config(_CONFIG.format(host=host, port=port, bundle=bundle), "demo config")
+    # The demo keeps nothing between runs: its outbox lives in a fresh temporary directory.
+    state_dir = tempfile.mkdtemp(prefix="floorline-demo-")
+    return parse_config(
+        _CONFIG.format(host=host, port=port, bundle=bundle, state_dir=state_dir), "demo config"
+    )
 
 
 def _mqtt_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -123,9 +129,9 @@ class PredictionBoard:
         self.total = 0
         self._lock = threading.Lock()
 
-    def on_message(self, topic: str, payload: bytes, received: float) -> None:
+    def on_message(self, topic: str, payload: bytes, *meta: object) -> None:
         """Record one prediction message."""
-        del topic, received
+        del topic, meta
         try:
             msg = orjson.loads(payload)
         except orjson.JSONDecodeError:

@@ -4,6 +4,12 @@ The worker decodes, windows, batches, infers, encodes and publishes. It owns eve
 so none needs a lock. Paho's thread touches only ``offer`` (an enqueue and two counters). A bad
 message is dead-lettered with a bounded reason and never stops the worker; a failed inference
 fails each window of its batch visibly, the same way.
+
+Acknowledgements (``ack: durable``): a message is released for acknowledgement only when what it
+contributed is safe. The worker holds the messages it processed until no window is waiting in
+the batcher (every window so far is predicted and its prediction committed to the outbox), then
+saves the touched assets' partial windows to the journal and releases the messages, in arrival
+order. Releases therefore lag by at most ``max_wait_ms`` plus one inference.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,16 +28,23 @@ from edge.config import LimitsConfig, PipelineConfig, TopicsConfig
 from edge.decode import make_decoder
 from edge.encode import PredictionEncoder, dead_letter
 from edge.errors import BackendError, DecodeError
+from edge.journal import WindowJournal
 from edge.normalization import normalize
 from edge.selftest import LoadedModel
 from edge.window import Window, Windower
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, int, bool], None]
-"""(topic, payload, qos, retain) → queue for sending."""
+Submit = Callable[[Sequence[tuple[str, bytes, int, bool]]], None]
+"""Hand (topic, payload, qos, retain) messages to the publisher (outbox for QoS ≥ 1)."""
+
+Token = tuple[int, int] | None
+"""(mid, qos) of a message awaiting acknowledgement, or None when nothing is owed."""
+
+Release = Callable[[list[tuple[int, int]]], None]
 
 _POLL_S = 0.1
+_SETTLE_EVERY = 256  # messages; bounds how many a worker holds unacknowledged in a busy stream
 
 
 class Pipeline:
@@ -45,7 +58,9 @@ class Pipeline:
         topics: TopicsConfig,
         limits: LimitsConfig,
         model: LoadedModel,
-        publish: Publish,
+        submit: Submit,
+        release: Release | None = None,
+        journal: WindowJournal | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -53,13 +68,16 @@ class Pipeline:
         manifest = model.bundle.manifest
         self._spec = manifest.input
         self._flat_input = len(self._spec.shape) == 2
-        self._publish = publish
+        self._submit = submit
+        self._release = release
+        self._durable = config.ack == "durable"
+        self._journal = journal if self._durable else None
         self._max_payload = limits.max_payload_bytes
         self._drain_s = limits.drain_timeout_s
         self._out_qos = config.output.qos
         self._out_retain = config.output.retain
         self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
-        self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue(limits.inbox_size)
+        self.inbox: queue.Queue[tuple[str, bytes, float, Token]] = queue.Queue(limits.inbox_size)
         features = [f.name for f in self._spec.features]
         self._decoder = make_decoder(config.decoder, features)
         self._windower = Windower(self._spec.window, len(features), config.window)
@@ -77,22 +95,46 @@ class Pipeline:
         )
         self._segment = config.asset.topic_segment
         self._assets: dict[str, str | None] = {}
-        # Written by paho's thread only: received, dropped_inbox. Everything else by the worker.
+        self._held: list[tuple[int, int]] = []  # processed, not yet released (durable)
+        self._touched: set[str] = set()
+        # Written by paho's thread only: received, dropped_inbox_full. The rest by the worker.
         self.counters: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{self.name}", daemon=True)
+        if self._journal is not None:
+            self._restore()
+
+    def _restore(self) -> None:
+        assert self._journal is not None  # noqa: S101
+        restored = sum(self._import(a, b) for a, b in self._journal.load(self.name).items())
+        if restored:
+            log.info("pipeline %s: restored %d assets' windows from the journal",
+                     self.name, restored)
+        self.counters["restored_assets"] = restored
+
+    def _import(self, asset: str, blob: bytes) -> bool:
+        try:
+            self._windower.import_state(asset, blob)
+        except ValueError:
+            # The bundle's window changed since: old buffers cannot continue.
+            log.warning("pipeline %s: journal state for %s no longer fits; dropped",
+                        self.name, asset)
+            return False
+        return True
 
     # -- paho's thread ----------------------------------------------------------------------
 
-    def offer(self, topic: str, payload: bytes, received: float) -> None:
+    def offer(self, topic: str, payload: bytes, received: float, token: Token) -> None:
         """Enqueue a message; when the inbox is full, drop it and count (never block paho)."""
         self.counters["received"] += 1
         try:
-            self.inbox.put_nowait((topic, payload, received))
+            self.inbox.put_nowait((topic, payload, received, token))
         except queue.Full:
             self.counters["dropped_inbox_full"] += 1
+            if token is not None and self._release is not None:
+                self._release([token])  # dropped by policy: holding it would stall the stream
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -103,7 +145,7 @@ class Pipeline:
     def stop(self) -> None:
         """Finish queued messages (up to the drain timeout), flush the last batch, stop."""
         self._stop.set()
-        self._thread.join(self._drain_s + 1.0)
+        self._thread.join(self._drain_s + 2.0)
         if self._thread.is_alive():
             log.warning("pipeline %s did not drain within %.1fs", self.name, self._drain_s)
 
@@ -121,15 +163,20 @@ class Pipeline:
             timeout = self._batcher.timeout()
             wait = _POLL_S if timeout is None else min(timeout, _POLL_S)
             try:
-                topic, payload, received = self.inbox.get(timeout=wait)
+                topic, payload, received, token = self.inbox.get(timeout=wait)
             except queue.Empty:
                 if deadline is not None:
                     break
             else:
                 self._handle(topic, payload, received)
+                if token is not None:
+                    self._held.append(token)
+                if self.inbox.empty() or len(self._held) >= _SETTLE_EVERY:
+                    self._settle()
             due = self._batcher.take_due()
             if due:
                 self._infer(due)
+                self._settle()
             self.last_progress = time.monotonic()
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("pipeline %s: drain deadline reached, %d queued messages left",
@@ -138,6 +185,21 @@ class Pipeline:
         rest = self._batcher.drain()
         if rest:
             self._infer(rest)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Release held messages once nothing they contributed can still be lost."""
+        if not self._held or len(self._batcher):
+            return  # windows still waiting for their batch: their messages are not safe yet
+        if self._journal is not None and self._touched:
+            states = {a: s for a in self._touched if (s := self._windower.export_state(a))}
+            if not self._journal.save(self.name, states):
+                self.counters["journal_errors"] += 1
+        self._touched.clear()
+        if self._release is not None:
+            self._release(self._held)
+        self.counters["released"] += len(self._held)
+        self._held = []
 
     def _asset_of(self, topic: str) -> str | None:
         if topic in self._assets:
@@ -149,7 +211,7 @@ class Pipeline:
                 asset = levels[self._segment] or None
             except IndexError:
                 asset = None
-        if len(self._assets) < 100_000:
+        if len(self._assets) < 100_000:  # a cache, bounded against floods of distinct topics
             self._assets[topic] = asset
         return asset
 
@@ -165,10 +227,12 @@ class Pipeline:
         except DecodeError as exc:
             self._reject(exc.reason, topic, size, exc.detail)
             return
-        if windows is None:
+        if windows is None or asset is None:
             self._reject("bad_asset", topic, size, "no asset key in topic or payload")
             return
         self.counters["decoded"] += 1
+        if self._durable:
+            self._touched.add(asset)
         for window in windows:
             self.counters["windows"] += 1
             batch = self._batcher.add(window)
@@ -191,25 +255,35 @@ class Pipeline:
         self.counters["batches"] += 1
         self.counters["batched_windows"] += len(batch)
         now = time.monotonic()
-        for window, row in zip(batch, out, strict=True):
-            payload = self._encoder.encode(
-                window, row, inference_ms=inference_ms, batch_size=len(batch), now=now
+        messages = [
+            (
+                self._encoder.topic(window.asset),
+                self._encoder.encode(
+                    window, row, inference_ms=inference_ms, batch_size=len(batch), now=now
+                ),
+                self._out_qos,
+                self._out_retain,
             )
-            self._publish(self._encoder.topic(window.asset), payload, self._out_qos,
-                          self._out_retain)
-            self.counters["predictions"] += 1
+            for window, row in zip(batch, out, strict=True)
+        ]
+        # One outbox transaction for the whole batch: committed before anything is released.
+        self._submit(messages)
+        self.counters["predictions"] += len(messages)
 
     def _reject(self, reason: str, topic: str, size: int, detail: str) -> None:
         self.dead_letters[reason] += 1
         log.debug("pipeline %s: dead letter %s from %s (%d bytes)", self.name, reason, topic, size)
         report = dead_letter(self.name, reason, topic, size, detail)
-        self._publish(self._dlq_topic, report, 0, False)
+        self._submit([(self._dlq_topic, report, 0, False)])
 
     def stats(self) -> dict[str, object]:
         """Counters for state reports and tests."""
+        pending = self._windower.pending()
         return {
             **self.counters,
             "dead_letters": dict(self.dead_letters),
             "queued": self.inbox.qsize(),
-            "pending_samples": sum(self._windower.pending().values()),
+            "pending_samples": sum(pending.values()),
+            "window_resets": dict(self._windower.resets),
+            "duplicates": self._windower.duplicates,
         }

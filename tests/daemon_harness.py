@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -33,10 +38,15 @@ VIBRATION_PIPELINE = """
 
 
 def config_text(broker: Mosquitto, pipelines: str, *, gateway: str = "gw-test",
-                extra: str = "") -> str:
-    """A gateway config for BROKER with the given pipelines section."""
+                extra: str = "", state_dir: Path | None = None) -> str:
+    """A gateway config for BROKER with the given pipelines section.
+
+    STATE_DIR defaults to a new temporary directory: tests never share an outbox by accident.
+    """
+    state = state_dir or Path(tempfile.mkdtemp(prefix="floorline-test-state-"))
     return (
         f"gateway: {{id: {gateway}}}\n"
+        f"state_dir: '{state}'\n"
         f"broker: {{host: 127.0.0.1, port: {broker.port}, keepalive: 10,"
         f" reconnect_min_s: 1, reconnect_max_s: 2}}\n"
         f"{extra}"
@@ -89,3 +99,109 @@ def publish_stream(probe: MqttProbe, topic: str, samples: np.ndarray, *, t0: flo
     for i, row in enumerate(samples):
         probe.publish(topic, sample_payload(t0 + (first_seq + i) / 1000.0, first_seq + i, row),
                       qos=qos)
+
+
+class Collector:
+    """A subscriber with a persistent session: it misses nothing across broker restarts.
+
+    QoS 1 with clean_session off under a fixed client id, so the broker queues (and, with the
+    test broker's persistence settings, saves) what arrives while this client is reconnecting.
+    """
+
+    def __init__(self, broker: Mosquitto, topic_filter: str) -> None:
+        import paho.mqtt.client as mqtt  # noqa: PLC0415 - tests may import paho
+        from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+        self._lock = threading.Lock()
+        self.messages: list[tuple[str, bytes]] = []
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"collector-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        self._client.reconnect_delay_set(1, 1)
+        self._filter = topic_filter
+
+        def on_connect(client: Any, *args: Any) -> None:
+            client.subscribe(topic_filter, qos=1)
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            with self._lock:
+                self.messages.append((msg.topic, bytes(msg.payload)))
+
+        self._client.on_connect = on_connect
+        self._client.on_message = on_message
+        self._client.connect(broker.host, broker.port, keepalive=5)
+        self._client.loop_start()
+        wait_until(self._client.is_connected, 10, "collector connected")
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """Every message so far, parsed."""
+        with self._lock:
+            return [orjson.loads(p) for _, p in self.messages]
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class ReliablePublisher:
+    """Publishes QoS 1 and retries until the broker acknowledged, across broker restarts."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        import paho.mqtt.client as mqtt  # noqa: PLC0415
+        from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"plant-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        self._client.reconnect_delay_set(1, 1)
+        self._client.connect(broker.host, broker.port, keepalive=5)
+        self._client.loop_start()
+        wait_until(self._client.is_connected, 10, "publisher connected")
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 60.0) -> None:
+        """Publish until acknowledged (a duplicate is possible, a loss is not)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            wait_until(self._client.is_connected, max(0.1, deadline - time.monotonic()),
+                       "publisher reconnected")
+            info = self._client.publish(topic, payload, qos=1)
+            try:
+                info.wait_for_publish(2.0)
+            except (RuntimeError, ValueError):
+                continue
+            if info.is_published():
+                return
+        raise TimeoutError(f"could not publish to {topic} within {timeout} s")
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def block_payload(samples: np.ndarray, first_seq: int, t0: float) -> bytes:
+    """One JSON block message: a list of sample objects with ts and seq."""
+    return orjson.dumps({"samples": [
+        {"ts": t0 + (first_seq + i) / 1000.0, "seq": first_seq + i,
+         "accel_x": float(r[0]), "accel_y": float(r[1]), "accel_z": float(r[2])}
+        for i, r in enumerate(samples)
+    ]})
+
+
+def first_occurrences(bodies: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Predictions per asset, de-duplicated by seq (first arrival kept), in arrival order."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for b in bodies:
+        key = (b["asset"], b["seq"])
+        if key not in seen:
+            seen.add(key)
+            out.setdefault(b["asset"], []).append(b)
+    return out

@@ -368,7 +368,11 @@ class Mosquitto:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,  # a Ctrl-C to pytest must not reach the broker first
-                preexec_fn=_PREEXEC,  # noqa: PLW1509 - prctl only, before exec
+                # PR_SET_PDEATHSIG fires when the spawning *thread* exits, so only a broker
+                # started from the main thread may use it; others rely on the finalizer.
+                preexec_fn=(  # noqa: PLW1509 - prctl only, before exec
+                    _PREEXEC if threading.current_thread() is threading.main_thread() else None
+                ),
             )
         self._proc = proc
         self._spawned.append(proc)

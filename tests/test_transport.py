@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from edge.config import BrokerConfig, TlsConfig
 from edge.errors import ConfigError, TransportError
-from edge.transport import MqttTransport, Will
+from edge.transport import MqttTransport, Will, backoff_delays
 from tests.mqtt_broker import (
     AUTH_PASSWORD,
     AUTH_USER,
@@ -53,7 +54,10 @@ class Inbox:
         self._cond = threading.Condition()
         self._items: list[Received] = []
 
-    def __call__(self, topic: str, payload: bytes, received_at: float) -> None:
+    def __call__(
+        self, topic: str, payload: bytes, received_at: float, mid: int = 0, qos: int = 0
+    ) -> None:
+        del mid, qos
         with self._cond:
             self._items.append(Received(topic, payload, received_at))
             self._cond.notify_all()
@@ -78,7 +82,7 @@ StartTransport = Callable[..., Running]
 
 
 def broker_config(broker: Mosquitto, **fields: Any) -> BrokerConfig:
-    # Reconnect fast. The transport rounds delays to whole seconds, at least 1 (paho takes ints).
+    # Reconnect fast: the transport backs off from reconnect_min_s, with jitter.
     values: dict[str, Any] = {
         "host": broker.host,
         "port": broker.port,
@@ -345,7 +349,7 @@ def test_missing_tls_file_is_a_transport_error_naming_the_field(
 _GATEWAY = """
 import sys
 from edge.config import BrokerConfig
-from edge.transport import MqttTransport, Will
+from edge.transport import MqttTransport, Will, backoff_delays
 
 host, port, state, keepalive, client_id = sys.argv[1:6]
 transport = MqttTransport(
@@ -476,3 +480,59 @@ def test_stop_publishes_final_messages_then_disconnects_without_the_will(
     late.wait_for(1, f"{unique_topic}/marker", timeout=5)
     retained = [(m.topic, m.retain) for m in late.messages if m.topic != f"{unique_topic}/marker"]
     assert retained == [(state, True)]  # "bye" was not retained
+
+
+# -- liveness and backoff ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_silently_dead_broker_is_detected_within_one_and_a_half_keepalives(
+    mosquitto: Mosquitto, start_transport: StartTransport
+) -> None:
+    keepalive = 5
+    running = start_transport(broker_config(mosquitto, keepalive=keepalive))
+    assert running.transport.wait_connected(10)
+    time.sleep(0.5)  # some quiet traffic-free time, as on an idle line
+    assert mosquitto.pid is not None
+    # SIGSTOP: the socket stays open but nothing answers, like a hung broker or a cut cable.
+    os.kill(mosquitto.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        wait_until(lambda: not running.transport.connected.is_set(), 3 * keepalive,
+                   "dead connection noticed")
+        noticed = time.monotonic() - stopped
+    finally:
+        os.kill(mosquitto.pid, signal.SIGCONT)
+    # The requirement is 1.5 x keepalive; the network loop polls every 50 ms.
+    assert noticed <= 1.5 * keepalive + 0.5
+    assert running.transport.wait_connected(15)  # and it comes back when the broker does
+
+
+def test_reconnect_delays_back_off_exponentially_with_jitter_up_to_the_cap() -> None:
+    delays = backoff_delays(1.0, 8.0, random.Random(1))  # noqa: S311 - jitter, seeded
+    got = [next(delays) for _ in range(8)]
+    bounds = [1, 2, 4, 8, 8, 8, 8, 8]
+    for delay, top in zip(got, bounds, strict=True):
+        assert top / 2 <= delay <= top
+    assert len({round(d, 6) for d in got[3:]}) > 1  # jittered, not a fixed cap
+
+
+def test_refused_credentials_are_reported_and_retried_with_backoff(
+    auth_broker: Mosquitto, start_transport: StartTransport
+) -> None:
+    config = broker_config(
+        auth_broker,
+        username=AUTH_USER,
+        password_env="FLOORLINE_WRONG_PW",  # noqa: S106 - the variable's name, not a password
+        reconnect_min_s=0.2,
+        reconnect_max_s=0.4,
+    )
+    os.environ["FLOORLINE_WRONG_PW"] = "wrong"
+    try:
+        running = start_transport(config)
+        wait_until(lambda: running.transport.connection_attempts >= 3, 10, "three attempts")
+    finally:
+        del os.environ["FLOORLINE_WRONG_PW"]
+    assert not running.transport.connected.is_set()
+    assert running.transport.last_error is not None
+    assert "refused" in running.transport.last_error
