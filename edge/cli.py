@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -201,7 +202,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    import os  # noqa: PLC0415
 
     from edge.config import BrokerConfig  # noqa: PLC0415
     from edge.simulator import Fault, PlantConfig, PlantSimulator  # noqa: PLC0415
@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except FloorlineError as exc:
         print(f"floorline: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `floorline check ... | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -254,3 +254,24 @@ def test_retained_state_is_online_then_offline_after_stop(mosquitto, mqtt_client
     late.subscribe("floorline/gw-test/state", qos=1)
     (retained,) = late.wait_for(1, timeout=10)
     assert orjson.loads(retained.payload)["state"] == "offline"
+
+
+def test_mqtt5_maximum_packet_size_keeps_giant_messages_off_the_gateway(
+    mosquitto, mqtt_client, unique_topic
+):
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/dlq/#", qos=1)
+    cfg = config_text(
+        mosquitto, vibration_pipeline(unique_topic),
+        extra="limits: {max_payload_bytes: 1024, max_packet_bytes: 4096}\n",
+    ).replace("keepalive: 10,", "keepalive: 10, protocol: '5',")
+    with running(cfg) as daemon:
+        topic = f"{unique_topic}/pump-z/vibration"
+        probe.publish(topic, b"x" * 100_000, qos=1)  # over the packet size: never delivered
+        probe.publish(topic, b"y" * 2_000, qos=1)  # over the payload limit: dead-lettered
+        (dlq,) = probe.wait_for(1, "floorline/gw-test/dlq/#", timeout=10)
+        pipeline = daemon.pipelines[0]
+        assert pipeline.counters["received"] == 1
+        assert daemon.stats()["connects"] == 1  # the broker dropped the giant, not the client
+    body = orjson.loads(dlq.payload)
+    assert (body["reason"], body["size"]) == ("too_large", 2000)
