@@ -126,31 +126,39 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import signal  # noqa: PLC0415
-    import threading  # noqa: PLC0415
+    from edge.service import run  # noqa: PLC0415
 
-    from edge.config import load_config  # noqa: PLC0415
-    from edge.daemon import Daemon  # noqa: PLC0415
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return run(args.config)
 
-    config = load_config(args.config)
-    logging.getLogger().setLevel(config.logging.level if not args.verbose else "DEBUG")
-    daemon = Daemon(config)
-    daemon.load()
-    stop = threading.Event()
 
-    def request_stop(signum: int, frame: object) -> None:
-        del frame
-        logging.getLogger("edge").info("signal %d: stopping", signum)
-        stop.set()
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from edge import fleet_cli  # noqa: PLC0415
+    from edge.signing import generate_keypair, key_id, load_public_key  # noqa: PLC0415
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    daemon.start()
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        daemon.stop()
+    if args.fleet_command == "keygen":
+        private, public = generate_keypair(args.prefix)
+        print(f"wrote {private} (keep secret) and {public} "
+              f"(key id {key_id(load_public_key(public))}); add {public.name} to the gateways' "
+              "fleet.operator_keys (and trust.trusted_keys to accept bundles you sign)")
+        return 0
+    broker = fleet_cli._broker(args.broker, args.protocol)  # noqa: SLF001
+    if args.fleet_command == "push":
+        target = {"gateway": args.gateway} if args.gateway else {"group": args.group}
+        fleet_cli.push(target=target, config_file=args.config, bundles=args.bundle or [],
+                       key_file=args.key, broker=broker, version=args.version,
+                       ttl_hours=args.ttl_hours, sign_bundles=args.sign_bundles,
+                       verify=not args.skip_verify)
+        return 0
+    rows = fleet_cli.status(broker=broker, gateway=args.gateway, wait_s=args.wait)
+    return 0 if rows else 1
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from edge.service import send_reload  # noqa: PLC0415
+
+    print(send_reload(args.config))
     return 0
 
 
@@ -271,6 +279,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway daemon")
     run.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    fleet = sub.add_parser("fleet", help="operator commands: keygen, push, status")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    fk = fsub.add_parser("keygen", help="create an operator signing key pair")
+    fk.add_argument("prefix", type=Path, help="writes PREFIX.key and PREFIX.pub")
+    for name in ("push", "status"):
+        fp = fsub.add_parser(name, help=f"fleet {name}")
+        fp.add_argument("--broker", default="localhost:1883", help="HOST:PORT")
+        fp.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+        if name == "push":
+            who = fp.add_mutually_exclusive_group(required=True)
+            who.add_argument("--gateway", help="one gateway id")
+            who.add_argument("--group", help="a gateway group")
+            fp.add_argument("--config", type=Path, required=True,
+                            help="YAML with the pipelines (and limits/logging) to run")
+            fp.add_argument("--bundle", type=Path, action="append",
+                            help="bundle directory the config names (repeat)")
+            fp.add_argument("--key", type=Path, required=True, help="operator private key")
+            fp.add_argument("--version", type=int, help="default: now in milliseconds")
+            fp.add_argument("--ttl-hours", type=float, default=168.0)
+            fp.add_argument("--sign-bundles", action="store_true",
+                            help="sign the pushed bundles with --key too")
+            fp.add_argument("--skip-verify", action="store_true",
+                            help="push bundles without checking them first (drills: let the "
+                            "gateway do the refusing)")
+        else:
+            fp.add_argument("--gateway", help="only this gateway")
+            fp.add_argument("--wait", type=float, default=2.0, help="seconds to collect")
+    rel = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
+    rel.add_argument("--config", type=Path, required=True, help="the daemon's YAML config")
     chk = sub.add_parser("check", help="validate a config and self-test its bundles")
     chk.add_argument("--config", type=Path, required=True, help="gateway YAML config")
     demo = sub.add_parser("demo", help="simulated plant + daemon + live predictions")
@@ -312,6 +349,8 @@ def _parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "run": _cmd_run,
     "check": _cmd_check,
+    "reload": _cmd_reload,
+    "fleet": _cmd_fleet,
     "demo": _cmd_demo,
     "simulate": _cmd_simulate,
     "schema": _cmd_schema,

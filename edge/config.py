@@ -280,6 +280,50 @@ class TrustConfig(_Strict):
     )
 
 
+class FleetConfig(_Strict):
+    """Remote config and bundle pushes over MQTT (signed by an operator key this file trusts)."""
+
+    enabled: bool = Field(default=False, description="Accept desired-state pushes.")
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="Operator public keys (files relative to this file, or base64) whose "
+        "signatures on desired-state documents are accepted.",
+    )
+    groups: list[Name] = Field(
+        default_factory=list, description="Groups this gateway belongs to (group pushes)."
+    )
+    probation_s: float = Field(
+        default=60.0, ge=0, description="After a switch, how long health is watched."
+    )
+    max_dead_letter_ratio: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="During probation, a larger share of dead-lettered input rolls back.",
+    )
+    min_probation_messages: int = Field(
+        default=20, ge=1, description="Input needed before the dead-letter share is judged."
+    )
+    max_inference_failures: int = Field(
+        default=0, ge=0, description="During probation, more failed inferences roll back."
+    )
+    store_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Bundle store size before clean-up."
+    )
+    max_clock_skew_s: float = Field(
+        default=300.0, ge=0, description="Tolerated clock difference to the operator."
+    )
+    bundle_fetch_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long to wait for a pushed bundle to arrive."
+    )
+    history: int = Field(default=10, ge=1, le=100, description="Apply results reported.")
+
+
+PUSHABLE_SECTIONS = frozenset({"pipelines", "limits", "logging"})
+"""What a fleet push may change. Identity, broker, trust, fleet and storage stay local: a push
+must never be able to cut a gateway off its broker or make it trust another key."""
+
+
 class Config(_Strict):
     """A gateway configuration file."""
 
@@ -289,6 +333,7 @@ class Config(_Strict):
     trust: TrustConfig = Field(default_factory=TrustConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     state_dir: Path | None = Field(
         default=None,
@@ -320,6 +365,24 @@ class Config(_Strict):
                     "session_expiry_s on MQTT 5) so the broker keeps unacknowledged input"
                 )
         return self
+
+    def with_desired(self, desired: dict[str, Any], origin: str = "desired state") -> Config:
+        """A copy of this config with a push's sections replaced, validated like a file."""
+        if not isinstance(desired, dict):
+            raise ConfigError(f"{origin}: config must be a mapping")
+        if extra := sorted(set(desired) - PUSHABLE_SECTIONS):
+            raise ConfigError(
+                f"{origin}: a push may set only {', '.join(sorted(PUSHABLE_SECTIONS))}; "
+                f"not {', '.join(extra)}"
+            )
+        data = self.model_dump(mode="json")
+        data.update(desired)
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{origin}: {where}: {first['msg']}") from exc
 
     def resolved_state_dir(self) -> Path:
         """The state directory in use (see ``state_dir``)."""
@@ -361,7 +424,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return None if path is None or path.is_absolute() else base / path
 
     for p in config.pipelines:
-        p.bundle = rel(p.bundle) or p.bundle
+        if not str(p.bundle).startswith("sha256:"):  # a store reference, not a path
+            p.bundle = rel(p.bundle) or p.bundle
     config.state_dir = rel(config.state_dir) or config.state_dir
     if config.state_dir is None and not os.environ.get("STATE_DIRECTORY"):
         config.state_dir = base / "floorline-state"
@@ -375,6 +439,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     config.trust.trusted_keys = [
         str(base / k) if not Path(k).is_absolute() and (base / k).exists() else k
         for k in config.trust.trusted_keys
+    ]
+    config.fleet.operator_keys = [
+        str(base / k) if not Path(k).is_absolute() and (base / k).exists() else k
+        for k in config.fleet.operator_keys
     ]
     return config
 

@@ -3,6 +3,12 @@
 Start-up order matters: every bundle is verified and self-tested before the daemon connects, so a
 gateway with a bad bundle never announces itself online. Shutdown is the reverse: workers drain,
 the offline state is published, and only then does the connection close.
+
+A configuration runs as a *generation* of pipelines. ``apply`` builds the next generation beside
+the running one (bundles verified, self-tested), then switches atomically: incoming messages are
+held for the moment of the switch, the old workers finish every message they accepted, windows in
+progress move to the new pipelines when their input is unchanged, and the held messages go to the
+new generation. No message is processed by both generations or by neither.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -19,8 +26,10 @@ import orjson
 from edge import __version__, selftest
 from edge.backends import BackendOptions
 from edge.bundle import Bundle
+from edge.bundle_store import BundleStore, parse_ref
 from edge.config import Config, PipelineConfig
 from edge.encode import dead_letter
+from edge.errors import BundleError, FloorlineError
 from edge.journal import WindowJournal
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline
@@ -43,13 +52,29 @@ def trusted_keys(config: Config) -> list[object]:
     return keys
 
 
-def load_model(config: Config, pipeline: PipelineConfig) -> selftest.LoadedModel:
-    """Open, verify and self-test a pipeline's bundle on its configured backend."""
+def load_model(
+    config: Config, pipeline: PipelineConfig, store: BundleStore | None = None
+) -> selftest.LoadedModel:
+    """Open, verify and self-test a pipeline's bundle on its configured backend.
+
+    A bundle named ``sha256:<hex>`` comes from the fleet's bundle STORE and must be signed.
+    """
     keys = trusted_keys(config)
+    path = Path(pipeline.bundle)
+    require = config.trust.require_signature
+    digest = parse_ref(str(pipeline.bundle))
+    if digest is not None:
+        if store is None or not store.has(digest):
+            raise BundleError(
+                f"pipeline {pipeline.name}: bundle {digest[:12]}… is not in the store"
+            )
+        path = store.path(digest)
+        store.touch(digest)
+        require = True  # what arrives over the network runs only if signed by a trusted key
     bundle = Bundle.open(
-        pipeline.bundle,
+        path,
         trusted_keys=keys or None,  # type: ignore[arg-type]
-        require_signature=config.trust.require_signature,
+        require_signature=require,
     )
     try:
         return selftest.load(
@@ -97,15 +122,62 @@ class AckTracker:
             return len(self._holders)
 
 
+@dataclass
+class Generation:
+    """The pipelines of one configuration and the routing table to them."""
+
+    config: Config
+    pipelines: list[Pipeline]
+    filters: list[tuple[str, Pipeline]] = field(default_factory=list)
+    routes: dict[str, tuple[Pipeline, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.filters = [
+            (shared_subscription_filter(f), p) for p in self.pipelines for f in p.config.subscribe
+        ]
+
+    def subscriptions(self) -> dict[str, int]:
+        """Topic filter → QoS for every pipeline."""
+        subs: dict[str, int] = {}
+        for p in self.pipelines:
+            for f in p.config.subscribe:
+                subs[f] = max(subs.get(f, 0), p.config.qos)
+        return subs
+
+    def close(self) -> None:
+        """Release the models (after the workers stopped)."""
+        for p in self.pipelines:
+            p.model.backend.close()
+            p.model.bundle.close()
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What happened to one configuration change."""
+
+    ok: bool
+    reason: str = ""
+    carried_over: tuple[str, ...] = ()
+
+
+def _same_input(old: Pipeline, new: Pipeline) -> bool:
+    # A partial window can continue only into a pipeline that cuts and reads samples the same way.
+    a, b = old.model.bundle.manifest.input, new.model.bundle.manifest.input
+    return (
+        old.name == new.name
+        and a.window == b.window
+        and [f.name for f in a.features] == [f.name for f in b.features]
+        and old.config.window == new.config.window
+        and old.config.decoder == new.config.decoder
+    )
+
+
 class Daemon:
     """Everything ``floorline run`` runs, startable and stoppable from tests."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.gateway = config.gateway.id
-        self.pipelines: list[Pipeline] = []
-        self._routes: dict[str, tuple[Pipeline, ...]] = {}
-        self._filters: list[tuple[str, Pipeline]] = []
         self.unroutable = Counter[str]()
         self._state_topic = config.topics.state.format(gateway=self.gateway)
         self._stopped = threading.Event()
@@ -113,15 +185,27 @@ class Daemon:
         self.started_at = time.monotonic()
         self.state_dir = config.resolved_state_dir()
         self.acks = AckTracker()
-        self._manual_ack = any(p.ack == "durable" for p in config.pipelines)
         self.publisher: Publisher | None = None
         self.journal: WindowJournal | None = None
         self.journal_error: str | None = None
+        self.store: BundleStore | None = None
+        self.gen: Generation | None = None
+        # Held while routing a message and while switching generations; on_message holds it for
+        # a dict lookup and a few enqueues, so paho's thread never waits long.
+        self._route_lock = threading.Lock()
+        self._holding: list[tuple[str, bytes, float, int, int]] | None = None
+        self._apply_lock = threading.Lock()
+        self._extra_routes: list[tuple[str, object]] = []  # (filter, handler) e.g. the fleet agent
+        self._extra_subscriptions: list[str] = []
+
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        """The running generation's pipelines."""
+        return self.gen.pipelines if self.gen else []
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Verify and self-test every bundle and build the pipelines (no network yet)."""
+    def _open_state(self) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -135,49 +219,71 @@ class Daemon:
         if outbox.depth():
             log.info("outbox holds %d undelivered messages from before; resending", outbox.depth())
         self.publisher = Publisher(outbox)
-        if self._manual_ack:
-            try:
-                self.journal = WindowJournal(self.state_dir / "windows.sqlite")
-            except (OSError, sqlite3.Error) as exc:
-                self.journal_error = f"window journal unavailable: {exc}"
+        try:
+            self.journal = WindowJournal(self.state_dir / "windows.sqlite")
+        except (OSError, sqlite3.Error) as exc:
+            self.journal_error = f"window journal unavailable: {exc}"
+            if any(p.ack == "durable" for p in self.config.pipelines):
                 log.error(  # noqa: TRY400 - the reason is in the message
                     "%s; durable pipelines acknowledge without it", self.journal_error
                 )
-        for pc in self.config.pipelines:
-            model = load_model(self.config, pc)
-            log.info(
-                "pipeline %s: %s %s (%s) on %s, self-test max err %.2g",
-                pc.name,
-                model.bundle.manifest.name,
-                model.bundle.manifest.version,
-                model.artifact.file,
-                model.backend.runtime,
-                model.selftest.max_abs_error,
-            )
-            pipeline = Pipeline(
-                pc,
-                gateway=self.gateway,
-                topics=self.config.topics,
-                limits=self.config.limits,
-                model=model,
-                submit=self.publisher.submit,
-                release=self.acks.release,
-                journal=self.journal,
-            )
-            self.pipelines.append(pipeline)
-            self._filters.extend((shared_subscription_filter(f), pipeline) for f in pc.subscribe)
+        try:
+            self.store = BundleStore(self.state_dir / "bundles", self.config.fleet.store_max_bytes)
+        except OSError as exc:
+            log.warning("bundle store unavailable (%s): fleet bundles cannot be received", exc)
+
+    def build(self, config: Config, *, restore: bool = True) -> Generation:
+        """Verify, self-test and construct CONFIG's pipelines (not started). Raises on failure."""
+        assert self.publisher is not None  # noqa: S101 - _open_state made it
+        built: list[Pipeline] = []
+        try:
+            for pc in config.pipelines:
+                model = load_model(config, pc, self.store)
+                log.info(
+                    "pipeline %s: %s %s (%s) on %s, self-test max err %.2g",
+                    pc.name,
+                    model.bundle.manifest.name,
+                    model.bundle.manifest.version,
+                    model.artifact.file,
+                    model.backend.runtime,
+                    model.selftest.max_abs_error,
+                )
+                built.append(
+                    Pipeline(
+                        pc,
+                        gateway=self.gateway,
+                        topics=config.topics,
+                        limits=config.limits,
+                        model=model,
+                        submit=self.publisher.submit,
+                        release=self.acks.release,
+                        journal=self.journal,
+                        restore=restore,
+                    )
+                )
+        except BaseException:
+            Generation(config, built).close()
+            raise
+        return Generation(config, built)
+
+    def load(self, config: Config | None = None) -> None:
+        """Open the state directory, then verify and build the pipelines (no network yet)."""
+        if self.publisher is None:
+            self._open_state()
+        self.gen = self.build(config or self.config)
+        self.config = self.gen.config
 
     def start(self) -> None:
         """Load (if not yet), start the workers, then connect."""
-        if not self.pipelines:
+        if self.gen is None:
             self.load()
-        for p in self.pipelines:
+        assert self.gen is not None  # noqa: S101
+        assert self.publisher is not None  # noqa: S101
+        for p in self.gen.pipelines:
             p.start()
-        assert self.publisher is not None  # noqa: S101 - load() made it
-        subs: dict[str, int] = {}
-        for p in self.pipelines:
-            for f in p.config.subscribe:
-                subs[f] = max(subs.get(f, 0), p.config.qos)
+        subs = self.gen.subscriptions()
+        for topic_filter in self._extra_subscriptions:
+            subs.setdefault(topic_filter, 1)
         self.transport = MqttTransport(
             self.config.broker,
             self.config.client_id(),
@@ -186,7 +292,9 @@ class Daemon:
             will=Will(self._state_topic, self._state_payload("offline", "connection lost")),
             on_connect=self._announce,
             session=SessionOptions(
-                manual_ack=self._manual_ack,
+                # Always manual: receipt-mode messages are acknowledged on arrival below, durable
+                # ones when safe; one mode of paho for every configuration a push may bring.
+                manual_ack=True,
                 # MQTT 5 flow control: never more unacknowledged input than an inbox holds.
                 receive_maximum=min(self.config.limits.inbox_size, 65535),
                 max_packet_bytes=self.config.limits.max_packet_bytes,
@@ -196,6 +304,22 @@ class Daemon:
         self.acks.transport = self.transport
         self.publisher.attach(self.transport)
         self.transport.start()
+
+    def add_route(self, topic_filter: str, handler: object, *, subscribe: bool = True) -> None:
+        """Send messages matching TOPIC_FILTER to HANDLER(topic, payload) (before start).
+
+        With SUBSCRIBE false the route only dispatches; the caller subscribes when it needs to.
+        """
+        self._extra_routes.append((topic_filter, handler))
+        if subscribe:
+            self._extra_subscriptions.append(topic_filter)
+
+    def collect_bundles(self, keep: set[str] | None = None) -> None:
+        """Let the bundle store drop bundles neither running nor in KEEP, if over its size."""
+        if self.store is None:
+            return
+        running = {parse_ref(str(p.config.bundle)) for p in self.pipelines}
+        self.store.collect({d for d in running if d} | (keep or set()))
 
     def _announce(self) -> None:
         # Runs on paho's thread at every (re)connect: the retained state must say online again.
@@ -209,12 +333,30 @@ class Daemon:
     def _on_message(
         self, topic: str, payload: bytes, received: float, mid: int = 0, qos: int = 0
     ) -> None:
-        targets = self._routes.get(topic)
-        if targets is None:
-            targets = tuple(p for f, p in self._filters if matches(f, topic))
-            if len(self._routes) < _ROUTE_CACHE_LIMIT:
-                self._routes[topic] = targets
-        owed = self._manual_ack and qos > 0
+        for topic_filter, handler in self._extra_routes:
+            if matches(topic_filter, topic):
+                handler(topic, payload)  # type: ignore[operator]
+                if qos > 0 and self.transport is not None:
+                    self.transport.ack(mid, qos)
+                return
+        with self._route_lock:
+            if self._holding is not None:
+                # A generation switch is under way: keep the message, in order, for the next one.
+                self._holding.append((topic, payload, received, mid, qos))
+                return
+            self._route(topic, payload, received, mid, qos)
+
+    def _route(self, topic: str, payload: bytes, received: float, mid: int, qos: int) -> None:
+        gen = self.gen
+        targets: tuple[Pipeline, ...] = ()
+        if gen is not None:
+            cached = gen.routes.get(topic)
+            if cached is None:
+                cached = tuple(p for f, p in gen.filters if matches(f, topic))
+                if len(gen.routes) < _ROUTE_CACHE_LIMIT:
+                    gen.routes[topic] = cached
+            targets = cached
+        owed = qos > 0
         if not targets:
             self.unroutable["unroutable"] += 1
             dlq = self.config.topics.dead_letter.format(gateway=self.gateway, pipeline="_unrouted")
@@ -231,10 +373,68 @@ class Daemon:
                 self.acks.hold(mid, durable)
                 token = (mid, qos)
             elif self.transport is not None:
-                self.transport.ack(mid, qos)  # only receipt-mode pipelines want it
+                self.transport.ack(mid, qos)  # receipt mode: acknowledged on arrival
         for pipeline in targets:
-            pipeline.offer(topic, payload, received, token if pipeline.config.ack == "durable"
-                           else None)
+            pipeline.offer(
+                topic, payload, received, token if pipeline.config.ack == "durable" else None
+            )
+
+    # -- configuration changes ----------------------------------------------------------------
+
+    def apply(self, config: Config) -> ApplyResult:
+        """Switch to CONFIG's pipelines atomically; on any failure keep the running ones.
+
+        Everything that can fail (bundle verification, self-tests, construction) happens before
+        the switch, with the old generation still serving.
+        """
+        with self._apply_lock:
+            try:
+                new = self.build(config, restore=False)
+            except FloorlineError as exc:
+                log.warning("configuration refused, the running one stays: %s", exc)
+                return ApplyResult(ok=False, reason=str(exc))
+            old = self.gen
+            with self._route_lock:
+                self._holding = []
+            carried: list[str] = []
+            try:
+                if old is not None:
+                    for p in old.pipelines:
+                        p.stop(drain_all=True)  # every accepted message is finished by `old`
+                    carried = self._carry_over(old, new)
+                self.gen = new
+                self.config = new.config
+                for p in new.pipelines:
+                    p.start()
+                if self.transport is not None:
+                    subs = new.subscriptions()
+                    for topic_filter in self._extra_subscriptions:
+                        subs.setdefault(topic_filter, 1)
+                    self.transport.set_subscriptions(list(subs.items()))
+            finally:
+                with self._route_lock:
+                    held, self._holding = self._holding or [], None
+                    for item in held:
+                        self._route(*item)
+            if old is not None:
+                old.close()
+            if self.transport is not None and self.transport.connected.is_set():
+                self.transport.publish(self._state_topic, self._state_payload("online"), 1, True)
+            log.info("configuration applied; %d held messages passed on; windows carried: %s",
+                     len(held), ", ".join(carried) or "none")
+            return ApplyResult(ok=True, carried_over=tuple(carried))
+
+    def _carry_over(self, old: Generation, new: Generation) -> list[str]:
+        carried = []
+        previous = {p.name: p for p in old.pipelines}
+        for p in new.pipelines:
+            before = previous.get(p.name)
+            if before is not None and _same_input(before, p):
+                p.adopt_windows(before)
+                carried.append(p.name)
+            elif self.journal is not None:
+                self.journal.forget(p.name)  # saved windows of another shape must not come back
+        return carried
 
     # -- state ------------------------------------------------------------------------------
 
@@ -311,9 +511,8 @@ class Daemon:
             self.publisher.stop()
         if self.journal is not None:
             self.journal.close()
-        for p in self.pipelines:
-            p.model.backend.close()
-            p.model.bundle.close()
+        if self.gen is not None:
+            self.gen.close()
         log.info("stopped (%s)", reason)
 
     def wait(self, timeout: float | None = None) -> bool:

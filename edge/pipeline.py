@@ -61,6 +61,7 @@ class Pipeline:
         submit: Submit,
         release: Release | None = None,
         journal: WindowJournal | None = None,
+        restore: bool = True,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -102,8 +103,9 @@ class Pipeline:
         self.dead_letters: Counter[str] = Counter()
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
+        self._drain_all = False
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{self.name}", daemon=True)
-        if self._journal is not None:
+        if self._journal is not None and restore:
             self._restore()
 
     def _restore(self) -> None:
@@ -142,10 +144,17 @@ class Pipeline:
         """Start the worker thread."""
         self._thread.start()
 
-    def stop(self) -> None:
-        """Finish queued messages (up to the drain timeout), flush the last batch, stop."""
+    def stop(self, *, drain_all: bool = False) -> None:
+        """Finish queued messages (up to the drain timeout), flush the last batch, stop.
+
+        With DRAIN_ALL every queued message is processed whatever it takes (a generation switch:
+        nothing the old pipeline accepted may be left behind).
+        """
+        self._drain_all = drain_all
         self._stop.set()
-        self._thread.join(self._drain_s + 2.0)
+        if not self._thread.is_alive():
+            return
+        self._thread.join(None if drain_all else self._drain_s + 2.0)
         if self._thread.is_alive():
             log.warning("pipeline %s did not drain within %.1fs", self.name, self._drain_s)
 
@@ -178,7 +187,7 @@ class Pipeline:
                 self._infer(due)
                 self._settle()
             self.last_progress = time.monotonic()
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and not self._drain_all and time.monotonic() > deadline:
                 log.warning("pipeline %s: drain deadline reached, %d queued messages left",
                             self.name, self.inbox.qsize())
                 break
@@ -200,6 +209,14 @@ class Pipeline:
             self._release(self._held)
         self.counters["released"] += len(self._held)
         self._held = []
+
+    def adopt_windows(self, other: Pipeline) -> None:
+        """Continue OTHER's partial windows (a stopped pipeline with the same input)."""
+        for asset in other._windower.assets():
+            state = other._windower.export_state(asset)
+            if state is not None:
+                self._windower.import_state(asset, state)
+                self._touched.add(asset)
 
     def _asset_of(self, topic: str) -> str | None:
         if topic in self._assets:

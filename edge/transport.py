@@ -343,6 +343,31 @@ class MqttTransport:
             return int(info.mid)
         return None
 
+    def set_subscriptions(self, subscriptions: list[tuple[str, int]]) -> None:
+        """Replace the subscription set: subscribe what is new, unsubscribe what went away.
+
+        Kept for every later reconnect, too.
+        """
+        old = dict(self._subscriptions)
+        new = dict(subscriptions)
+        self._subscriptions = list(subscriptions)
+        added = [(f, q) for f, q in new.items() if old.get(f) != q]
+        removed = [f for f in old if f not in new]
+        if self.connected.is_set():
+            if added:
+                self._client.subscribe(added)
+            if removed:
+                self._client.unsubscribe(removed)
+
+    def add_subscription(self, topic_filter: str, qos: int) -> None:
+        """Subscribe one more filter (kept across reconnects)."""
+        subs = [(f, q) for f, q in self._subscriptions if f != topic_filter]
+        self.set_subscriptions([*subs, (topic_filter, qos)])
+
+    def remove_subscription(self, topic_filter: str) -> None:
+        """Unsubscribe a filter."""
+        self.set_subscriptions([(f, q) for f, q in self._subscriptions if f != topic_filter])
+
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (manual_ack mode): the broker may now forget it."""
         self._client.ack(mid, qos)

@@ -1,0 +1,148 @@
+"""``floorline run``: the daemon as a long-running service.
+
+Wires the daemon, the fleet agent and the process's signals: SIGTERM and SIGINT drain and stop,
+SIGHUP re-reads the config file and applies it through the same verified, atomic path a fleet
+push takes. The process id is written to ``<state_dir>/floorline.pid`` for ``floorline reload``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from edge.config import Config, load_config
+from edge.daemon import Daemon
+from edge.errors import FloorlineError
+from edge.fleet import FleetAgent
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "floorline.pid"
+
+
+class Service:
+    """One gateway process: daemon, optional fleet agent, reloads."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.base = load_config(config_path)
+        self.daemon = Daemon(self.base)
+        self.agent = FleetAgent(self.daemon, self.base) if self.base.fleet.enabled else None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    def start(self) -> None:
+        """Verify and load (the last-known-good when the fleet has one), then connect."""
+        config = self.agent.startup_config() if self.agent else self.base
+        try:
+            self.daemon.load(config)
+        except FloorlineError:
+            if config is self.base:
+                raise
+            # The last-known-good no longer loads: the local file is the fallback of last resort.
+            log.exception("last-known-good configuration failed to load; using %s",
+                          self.config_path)
+            assert self.agent is not None  # noqa: S101
+            self.agent.config_source = "local"
+            self.agent.running_version = None
+            self.daemon.load(self.base)
+        self.daemon.start()
+        if self.agent is not None:
+            self.agent.start()
+        pid_file = self.daemon.state_dir / PID_FILE
+        try:
+            pid_file.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("cannot write %s (%s): floorline reload will not find this process",
+                        pid_file, exc)
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it; the running config stays if it is invalid."""
+        try:
+            base = load_config(self.config_path)
+        except FloorlineError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)  # noqa: TRY400
+            return False
+        config: Config = base
+        if self.agent is not None:
+            self.agent.base = base
+            if self.agent.lkg is not None and self.agent.config_source == "fleet":
+                try:
+                    config = base.with_desired(self.agent.lkg["config"], "last-known-good")
+                except FloorlineError as exc:
+                    log.warning("reload: the fleet configuration no longer fits: %s", exc)
+        result = self.daemon.apply(config)
+        if self.agent is not None:
+            self.agent._record(  # noqa: SLF001 - the agent's history is the reported one
+                self.agent.running_version,
+                "local_reload" if result.ok else "rejected",
+                "SIGHUP: " + ("applied " + str(self.config_path) if result.ok else result.reason),
+            )
+            self.agent.report()
+        return result.ok
+
+    def run_until_signalled(self) -> None:
+        """Serve until SIGTERM/SIGINT; reload on SIGHUP."""
+
+        def on_stop(signum: int, frame: object) -> None:
+            del frame
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        def on_hup(signum: int, frame: object) -> None:
+            del signum, frame
+            self._reload.set()
+            self._stop.set()  # wake the loop; it tells the two apart
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        while True:
+            self._stop.wait(1.0)
+            if self._reload.is_set():
+                self._reload.clear()
+                self._stop.clear()
+                log.info("SIGHUP: reloading %s", self.config_path)
+                self.reload()
+                continue
+            if self._stop.is_set():
+                break
+
+    def stop(self) -> None:
+        """Stop the agent, drain and stop the daemon, remove the pid file."""
+        if self.agent is not None:
+            self.agent.stop()
+        self.daemon.stop()
+        with contextlib.suppress(OSError):  # a read-only state directory had none
+            (self.daemon.state_dir / PID_FILE).unlink(missing_ok=True)
+
+
+def run(config_path: Path) -> int:
+    """The ``floorline run`` command."""
+    service = Service(config_path)
+    logging.getLogger().setLevel(service.base.logging.level)
+    service.start()
+    try:
+        service.run_until_signalled()
+    finally:
+        service.stop()
+    return 0
+
+
+def send_reload(config_path: Path) -> str:
+    """Signal the running daemon of CONFIG_PATH to reload; return what was done."""
+    config = load_config(config_path)
+    pid_file = config.resolved_state_dir() / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise FloorlineError(f"no running daemon found ({pid_file}: {exc})") from exc
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError as exc:
+        raise FloorlineError(f"process {pid} from {pid_file} is not running") from exc
+    return f"sent SIGHUP to floorline (pid {pid}); it applies {config_path} if it is valid"
