@@ -64,6 +64,10 @@ class BundleStore:
         archive.unpack(data, dest)
         return dest
 
+    def discard(self, digest: str) -> None:
+        """Remove a stored bundle (it failed verification: it must not be tried again)."""
+        shutil.rmtree(self.path(digest), ignore_errors=True)
+
     def touch(self, digest: str) -> None:
         """Mark a bundle as used now (for least-recently-used collection)."""
         p = self.path(digest)

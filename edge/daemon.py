@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import __version__, selftest
 from edge.backends import BackendOptions
@@ -43,9 +44,9 @@ log = logging.getLogger(__name__)
 _ROUTE_CACHE_LIMIT = 100_000
 
 
-def trusted_keys(config: Config) -> list[object]:
+def trusted_keys(config: Config) -> list[Ed25519PublicKey]:
     """The public keys a config trusts, read from files or inline base64."""
-    keys: list[object] = []
+    keys: list[Ed25519PublicKey] = []
     for entry in config.trust.trusted_keys:
         path = Path(entry)
         keys.append(load_public_key(path) if path.exists() else parse_public_key(entry))
@@ -71,11 +72,12 @@ def load_model(
         path = store.path(digest)
         store.touch(digest)
         require = True  # what arrives over the network runs only if signed by a trusted key
-    bundle = Bundle.open(
-        path,
-        trusted_keys=keys or None,  # type: ignore[arg-type]
-        require_signature=require,
-    )
+    try:
+        bundle = Bundle.open(path, trusted_keys=keys or None, require_signature=require)
+    except BundleError:
+        if digest is not None and store is not None:
+            store.discard(digest)  # arrived intact but does not verify: never try it again
+        raise
     try:
         return selftest.load(
             bundle,
