@@ -155,6 +155,15 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    from edge.install import install_service  # noqa: PLC0415
+
+    for line in install_service(args.config, prefix=args.prefix, user=args.user,
+                                instance=args.instance, dry_run=args.dry_run):
+        print(line)
+    return 0
+
+
 def _cmd_reload(args: argparse.Namespace) -> int:
     from edge.service import send_reload  # noqa: PLC0415
 
@@ -206,6 +215,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         faults=tuple(args.fault) if args.fault else None,
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -306,6 +316,13 @@ def _parser() -> argparse.ArgumentParser:
         else:
             fp.add_argument("--gateway", help="only this gateway")
             fp.add_argument("--wait", type=float, default=2.0, help="seconds to collect")
+    ins = sub.add_parser("install-service",
+                         help="install the systemd unit, config and bundles on this gateway")
+    ins.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    ins.add_argument("--prefix", type=Path, default=Path("/"), help="root to install under")
+    ins.add_argument("--user", help="run as this existing user (default: DynamicUser)")
+    ins.add_argument("--instance", help="install as floorline@INSTANCE")
+    ins.add_argument("--dry-run", action="store_true", help="say what would be done")
     rel = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
     rel.add_argument("--config", type=Path, required=True, help="the daemon's YAML config")
     chk = sub.add_parser("check", help="validate a config and self-test its bundles")
@@ -318,6 +335,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="ASSET=CONDITION[@START_S][+RAMP_S] (repeat); default: three faults")
     demo.add_argument("--host", default="localhost", help="broker to try first (localhost)")
     demo.add_argument("--port", type=int, default=1883)
+    demo.add_argument("--metrics-port", type=int,
+                      help="also serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)")
     sim = sub.add_parser("simulate", help="publish a synthetic plant to a broker")
     sim.add_argument("--broker", default="localhost:1883", help="HOST:PORT (localhost:1883)")
     sim.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
@@ -351,6 +370,7 @@ _COMMANDS = {
     "check": _cmd_check,
     "reload": _cmd_reload,
     "fleet": _cmd_fleet,
+    "install-service": _cmd_install,
     "demo": _cmd_demo,
     "simulate": _cmd_simulate,
     "schema": _cmd_schema,
@@ -363,12 +383,9 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``floorline``; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.command == "run":
-        logging.getLogger().setLevel(logging.INFO)
+    from edge.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging("DEBUG" if args.verbose else ("INFO" if args.command == "run" else "WARNING"))
     try:
         return _COMMANDS[args.command](args)
     except FloorlineError as exc:

@@ -26,6 +26,7 @@ from pydantic import (
 from edge.batch import BatchConfig
 from edge.decode import DecoderConfig
 from edge.errors import ConfigError
+from edge.metrics import MetricsConfig
 from edge.outbox import OutboxConfig
 from edge.window import WindowConfig
 
@@ -164,6 +165,11 @@ class TopicsConfig(_Strict):
     state: str = Field(
         default="floorline/{gateway}/state",
         description="Retained gateway state; the last will sets it offline.",
+    )
+    stats: str = Field(
+        default="floorline/{gateway}/stats",
+        description="Compact JSON stats every metrics.stats_interval_s (for plants without "
+        "Prometheus).",
     )
 
 
@@ -334,6 +340,7 @@ class Config(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     state_dir: Path | None = Field(
         default=None,

@@ -32,6 +32,7 @@ from edge.config import Config, PipelineConfig
 from edge.encode import dead_letter
 from edge.errors import BundleError, FloorlineError
 from edge.journal import WindowJournal
+from edge.metrics import BundleInfo, Metrics
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline
 from edge.publisher import Publisher
@@ -199,6 +200,7 @@ class Daemon:
         self._apply_lock = threading.Lock()
         self._extra_routes: list[tuple[str, object]] = []  # (filter, handler) e.g. the fleet agent
         self._extra_subscriptions: list[str] = []
+        self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
 
     @property
     def pipelines(self) -> list[Pipeline]:
@@ -261,6 +263,7 @@ class Daemon:
                         release=self.acks.release,
                         journal=self.journal,
                         restore=restore,
+                        observe=self.metrics.observe_batch,
                     )
                 )
         except BaseException:
@@ -437,6 +440,19 @@ class Daemon:
             elif self.journal is not None:
                 self.journal.forget(p.name)  # saved windows of another shape must not come back
         return carried
+
+    def _bundle_info(self) -> list[BundleInfo]:
+        return [
+            {
+                "pipeline": p.name,
+                "name": p.model.bundle.manifest.name,
+                "version": p.model.bundle.manifest.version,
+                "sha256": p.model.artifact.sha256,
+                "artifact": p.model.artifact.file,
+                "runtime": p.model.backend.runtime,
+            }
+            for p in self.pipelines
+        ]
 
     # -- state ------------------------------------------------------------------------------
 

@@ -202,6 +202,7 @@ def run_demo(
     faults: tuple[str, ...] | None = None,
     host: str = "localhost",
     port: int = 1883,
+    metrics_port: int | None = None,
     out: TextIO | None = None,
 ) -> int:
     """Run the whole demo; returns an exit code. Prints a summary at the end.
@@ -227,6 +228,11 @@ def run_demo(
         config = demo_config(bhost, bport)
         daemon = Daemon(config)
         daemon.load()
+        metrics_server = None
+        if metrics_port is not None:
+            metrics_server = daemon.metrics.start_http("127.0.0.1", metrics_port)
+        if metrics_server is not None:
+            out.write(f"metrics: http://127.0.0.1:{metrics_server.port}/metrics\n")
         board = PredictionBoard()
         watcher = MqttTransport(
             config.broker, f"floorline-demo-view-{os.getpid()}", board.on_message,
@@ -252,6 +258,8 @@ def run_demo(
             daemon.stop()
             watcher.stop()
             publisher.stop()
+            if metrics_server is not None:
+                metrics_server.stop()
     out.write(_summary(sim, board, daemon) + "\n")
     return 0
 

@@ -62,6 +62,7 @@ class Pipeline:
         release: Release | None = None,
         journal: WindowJournal | None = None,
         restore: bool = True,
+        observe: Callable[[str, int, float, list[float]], None] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -70,6 +71,7 @@ class Pipeline:
         self._spec = manifest.input
         self._flat_input = len(self._spec.shape) == 2
         self._submit = submit
+        self._observe = observe
         self._release = release
         self._durable = config.ack == "durable"
         self._journal = journal if self._durable else None
@@ -272,6 +274,10 @@ class Pipeline:
         self.counters["batches"] += 1
         self.counters["batched_windows"] += len(batch)
         now = time.monotonic()
+        if self._observe is not None:
+            # Once per batch: metrics cost nothing per message.
+            self._observe(self.name, len(batch), inference_ms / 1e3,
+                          [now - w.received for w in batch])
         messages = [
             (
                 self._encoder.topic(window.asset),

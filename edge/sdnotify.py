@@ -202,8 +202,8 @@ class WatchdogPinger:
         *,
         period_s: float | None = None,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError("watchdog interval must be positive")
+        if interval_s <= 0 or (period_s is not None and not 0 < period_s < interval_s):
+            raise ValueError("need interval_s > 0 and 0 < period_s < interval_s")
         self._notifier = notifier
         self._healthy = healthy
         self.period_s = period_s if period_s is not None else interval_s / 2
@@ -242,8 +242,8 @@ class WatchdogPinger:
                 log.info("workers healthy again; watchdog pings resumed")
             else:
                 log.warning(
-                    "a pipeline worker is stalled; withholding watchdog pings "
-                    "(systemd restarts the service after %.0f s without one)",
+                    "health check failed (a stalled pipeline worker?); withholding watchdog "
+                    "pings: systemd restarts the service after %.0f s without one",
                     self.interval_s,
                 )
         self.checks += 1  # before is_healthy: whoever sees the new state sees this check counted

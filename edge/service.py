@@ -1,8 +1,14 @@
 """``floorline run``: the daemon as a long-running service.
 
-Wires the daemon, the fleet agent and the process's signals: SIGTERM and SIGINT drain and stop,
-SIGHUP re-reads the config file and applies it through the same verified, atomic path a fleet
-push takes. The process id is written to ``<state_dir>/floorline.pid`` for ``floorline reload``.
+Wires the daemon, the fleet agent, systemd and the process's signals: SIGTERM and SIGINT drain
+and stop, SIGHUP re-reads the config file and applies it through the same verified, atomic path
+a fleet push takes. The process id is written to ``<state_dir>/floorline.pid`` for
+``floorline reload``.
+
+systemd (``Type=notify``): READY=1 only once the broker accepted the connection, the
+subscriptions are acknowledged and every bundle passed its self-test; STATUS= with rates every
+stats interval; WATCHDOG=1 only while every worker made progress (or was idle with nothing
+queued) within half the watchdog interval; RELOADING=1 … READY=1 around a reload; STOPPING=1.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from edge.config import Config, load_config
 from edge.daemon import Daemon
 from edge.errors import FloorlineError
 from edge.fleet import FleetAgent
+from edge.logs import setup_logging
+from edge.metrics import MetricsServer, StatsReporter
+from edge.sdnotify import Notifier, WatchdogPinger, watchdog_interval, workers_healthy
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +43,12 @@ class Service:
         self.agent = FleetAgent(self.daemon, self.base) if self.base.fleet.enabled else None
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self.notifier = Notifier()
+        self.pinger: WatchdogPinger | None = None
+        self.reporter: StatsReporter | None = None
+        self.metrics_server: MetricsServer | None = None
 
-    def start(self) -> None:
+    def start(self, ready_timeout: float = 60.0) -> None:
         """Verify and load (the last-known-good when the fleet has one), then connect."""
         config = self.agent.startup_config() if self.agent else self.base
         try:
@@ -53,6 +66,8 @@ class Service:
         self.daemon.start()
         if self.agent is not None:
             self.agent.start()
+        self._start_metrics()
+        self._announce_ready(ready_timeout)
         pid_file = self.daemon.state_dir / PID_FILE
         try:
             pid_file.write_text(f"{os.getpid()}\n")
@@ -60,8 +75,68 @@ class Service:
             log.warning("cannot write %s (%s): floorline reload will not find this process",
                         pid_file, exc)
 
+    def _start_metrics(self) -> None:
+        mc = self.base.metrics
+        daemon = self.daemon
+        if mc.prometheus.enabled:
+            self.metrics_server = daemon.metrics.start_http(mc.prometheus.bind, mc.prometheus.port)
+            log.info("metrics on http://%s:%d/metrics", mc.prometheus.bind,
+                     self.metrics_server.port)
+        if mc.stats_interval_s > 0:
+            topic = self.base.topics.stats.format(gateway=self.base.gateway.id)
+
+            def publish(payload: bytes) -> None:
+                t = daemon.transport
+                if t is not None and t.connected.is_set():
+                    t.publish(topic, payload, 0, False)
+                self.notifier.status(self._status_line())
+
+            self.reporter = StatsReporter(daemon.metrics, mc.stats_interval_s, publish)
+            self.reporter.start()
+
+    def _status_line(self) -> str:
+        stats = self.daemon.stats()
+        pipes = stats["pipelines"]
+        assert isinstance(pipes, dict)  # noqa: S101
+        received = sum(int(p.get("received", 0)) for p in pipes.values())
+        predictions = sum(int(p.get("predictions", 0)) for p in pipes.values())
+        link = "connected" if stats["connected"] else "DISCONNECTED"
+        return (f"{len(pipes)} pipeline(s), {link}; {received} messages in, "
+                f"{predictions} predictions out since start")
+
+    def _announce_ready(self, timeout: float) -> None:
+        # READY only once the broker said yes and the subscriptions are acknowledged; bundles
+        # were self-tested in load(). Without a broker the service is not ready: systemd's
+        # TimeoutStartSec then decides, and the reason is in the log.
+        transport = self.daemon.transport
+        assert transport is not None  # noqa: S101
+        if not transport.subscribed.wait(timeout):
+            log.error("not ready after %.0f s: %s", timeout,
+                      transport.last_error or "no connection to the broker")
+            while not transport.subscribed.wait(0.5):
+                if self._stop.is_set() and not self._reload.is_set():
+                    return  # asked to stop before ever being ready
+        self.notifier.ready(self._status_line())
+        interval = watchdog_interval()
+        if interval:
+            pipelines = self.daemon
+
+            self.pinger = WatchdogPinger(
+                self.notifier,
+                interval,
+                lambda: workers_healthy(pipelines.pipelines, max_age_s=interval / 2),
+            )
+            self.pinger.start()
+
     def reload(self) -> bool:
         """Re-read the config file and apply it; the running config stays if it is invalid."""
+        self.notifier.reloading("reloading " + str(self.config_path))
+        try:
+            return self._reload_now()
+        finally:
+            self.notifier.ready(self._status_line())
+
+    def _reload_now(self) -> bool:
         try:
             base = load_config(self.config_path)
         except FloorlineError as exc:
@@ -85,8 +160,12 @@ class Service:
             self.agent.report()
         return result.ok
 
-    def run_until_signalled(self) -> None:
-        """Serve until SIGTERM/SIGINT; reload on SIGHUP."""
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads.
+
+        Installed before start, so no signal that arrives while starting falls to the default
+        action (SIGHUP's would kill the process).
+        """
 
         def on_stop(signum: int, frame: object) -> None:
             del frame
@@ -101,6 +180,9 @@ class Service:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+
+    def run_until_signalled(self) -> None:
+        """Serve until SIGTERM/SIGINT; reload on SIGHUP."""
         while True:
             self._stop.wait(1.0)
             if self._reload.is_set():
@@ -114,9 +196,16 @@ class Service:
 
     def stop(self) -> None:
         """Stop the agent, drain and stop the daemon, remove the pid file."""
+        self.notifier.stopping("draining")
+        if self.pinger is not None:
+            self.pinger.stop()
+        if self.reporter is not None:
+            self.reporter.stop()
         if self.agent is not None:
             self.agent.stop()
         self.daemon.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         with contextlib.suppress(OSError):  # a read-only state directory had none
             (self.daemon.state_dir / PID_FILE).unlink(missing_ok=True)
 
@@ -124,7 +213,8 @@ class Service:
 def run(config_path: Path) -> int:
     """The ``floorline run`` command."""
     service = Service(config_path)
-    logging.getLogger().setLevel(service.base.logging.level)
+    setup_logging(service.base.logging.level)
+    service.install_signal_handlers()
     service.start()
     try:
         service.run_until_signalled()

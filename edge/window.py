@@ -340,7 +340,8 @@ class Windower:
     def pending(self) -> dict[str, int]:
         """Samples each asset holds towards its next window (for state reports)."""
         size = self._size
-        return {asset: size - s.until_emit for asset, s in self._assets.items()}
+        # A list copy: metrics scrapes call this from another thread while assets are added.
+        return {asset: size - s.until_emit for asset, s in list(self._assets.items())}
 
     def forget(self, asset: str) -> None:
         """Drop ASSET's buffer and stream position (the asset was retired); no-op if unknown."""

@@ -95,7 +95,7 @@ def test_broker_killed_ten_times_loses_and_duplicates_no_window(mosquitto, uniqu
         assert kills >= 10
         wait_until(lambda: len(first_occurrences(collector.bodies())) == 3
                    and all(len(v) == 40 for v in first_occurrences(collector.bodies()).values()),
-                   60, "every window's prediction")
+                   120, "every window's prediction")
         wait_until(lambda: daemon.stats()["connected"], 20, "daemon reconnected")
         stats = daemon.stats()
     collector.close()
