@@ -43,6 +43,7 @@ from edge.transport import MqttTransport, SessionOptions, Will
 log = logging.getLogger(__name__)
 
 _ROUTE_CACHE_LIMIT = 100_000
+_UNSEEN = object()
 
 
 def trusted_keys(config: Config) -> list[Ed25519PublicKey]:
@@ -200,6 +201,8 @@ class Daemon:
         self._apply_lock = threading.Lock()
         self._extra_routes: list[tuple[str, object]] = []  # (filter, handler) e.g. the fleet agent
         self._extra_subscriptions: list[str] = []
+        # Topic → handler of an extra route (None: none), so sensor topics pay one dict lookup.
+        self._extra_cache: dict[str, object] = {}
         self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
 
     @property
@@ -338,8 +341,13 @@ class Daemon:
     def _on_message(
         self, topic: str, payload: bytes, received: float, mid: int = 0, qos: int = 0
     ) -> None:
-        for topic_filter, handler in self._extra_routes:
-            if matches(topic_filter, topic):
+        if self._extra_routes:
+            handler = self._extra_cache.get(topic, _UNSEEN)
+            if handler is _UNSEEN:
+                handler = next((h for f, h in self._extra_routes if matches(f, topic)), None)
+                if len(self._extra_cache) < _ROUTE_CACHE_LIMIT:
+                    self._extra_cache[topic] = handler
+            if handler is not None:
                 handler(topic, payload)  # type: ignore[operator]
                 if qos > 0 and self.transport is not None:
                     self.transport.ack(mid, qos)

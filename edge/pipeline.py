@@ -28,6 +28,7 @@ from edge.config import LimitsConfig, PipelineConfig, TopicsConfig
 from edge.decode import make_decoder
 from edge.encode import PredictionEncoder, dead_letter
 from edge.errors import BackendError, DecodeError
+from edge.inbox import Inbox
 from edge.journal import WindowJournal
 from edge.normalization import normalize
 from edge.selftest import LoadedModel
@@ -80,7 +81,7 @@ class Pipeline:
         self._out_qos = config.output.qos
         self._out_retain = config.output.retain
         self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
-        self.inbox: queue.Queue[tuple[str, bytes, float, Token]] = queue.Queue(limits.inbox_size)
+        self.inbox: Inbox[tuple[str, bytes, float, Token]] = Inbox(limits.inbox_size)
         features = [f.name for f in self._spec.features]
         self._decoder = make_decoder(config.decoder, features)
         self._windower = Windower(self._spec.window, len(features), config.window)
