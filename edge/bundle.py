@@ -24,16 +24,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from numpy.typing import NDArray
 
 from edge import archive
 from edge.errors import BundleError, IntegrityError, ManifestError, SignatureError
 from edge.hashing import sha256_bytes, sha256_file
 from edge.manifest import Artifact, Manifest
-from edge.signing import Signature, sign, verify
+
+if TYPE_CHECKING:
+    # cryptography costs ~8 MB of resident memory; a gateway without signed bundles or a fleet
+    # never loads it (edge.signing is imported where a signature is actually checked or made).
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -214,6 +221,8 @@ def _check_signature(
     trusted_keys: list[Ed25519PublicKey] | None,
     require_signature: bool,
 ) -> str | None:
+    from edge.signing import Signature, verify  # noqa: PLC0415 - see the TYPE_CHECKING note
+
     sig_path = path / SIGNATURE_FILE
     if not sig_path.exists():
         if require_signature:
@@ -271,6 +280,8 @@ def commit(
     manifest_bytes = manifest.to_bytes()
     (staging / MANIFEST_FILE).write_bytes(manifest_bytes)
     if signing_key is not None:
+        from edge.signing import sign  # noqa: PLC0415 - see the TYPE_CHECKING note
+
         (staging / SIGNATURE_FILE).write_bytes(sign(manifest_bytes, signing_key).to_bytes())
     # mkdtemp made the staging directory 0700; a bundle is read by an unprivileged service user.
     staging.chmod(0o755)

@@ -20,9 +20,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import __version__, selftest
 from edge.backends import BackendOptions
@@ -36,9 +36,11 @@ from edge.metrics import BundleInfo, Metrics
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline
 from edge.publisher import Publisher
-from edge.signing import load_public_key, parse_public_key
 from edge.topics import matches, shared_subscription_filter
 from edge.transport import MqttTransport, SessionOptions, Will
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ _UNSEEN = object()
 def trusted_keys(config: Config) -> list[Ed25519PublicKey]:
     """The public keys a config trusts, read from files or inline base64."""
     keys: list[Ed25519PublicKey] = []
+    if not config.trust.trusted_keys:
+        return keys
+    # Imported only when keys are configured: cryptography costs ~8 MB of resident memory.
+    from edge.signing import load_public_key, parse_public_key  # noqa: PLC0415
+
     for entry in config.trust.trusted_keys:
         path = Path(entry)
         keys.append(load_public_key(path) if path.exists() else parse_public_key(entry))

@@ -19,14 +19,17 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge.config import Config, load_config
 from edge.daemon import Daemon
 from edge.errors import FloorlineError
-from edge.fleet import FleetAgent
 from edge.logs import setup_logging
 from edge.metrics import MetricsServer, StatsReporter
 from edge.sdnotify import Notifier, WatchdogPinger, watchdog_interval, workers_healthy
+
+if TYPE_CHECKING:
+    from edge.fleet import FleetAgent
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,12 @@ class Service:
         self.config_path = config_path
         self.base = load_config(config_path)
         self.daemon = Daemon(self.base)
-        self.agent = FleetAgent(self.daemon, self.base) if self.base.fleet.enabled else None
+        self.agent: FleetAgent | None = None
+        if self.base.fleet.enabled:
+            # Only a fleet gateway loads the fleet code (and cryptography with it).
+            from edge.fleet import FleetAgent  # noqa: PLC0415
+
+            self.agent = FleetAgent(self.daemon, self.base)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.notifier = Notifier()
