@@ -221,13 +221,13 @@ def _check_signature(
     trusted_keys: list[Ed25519PublicKey] | None,
     require_signature: bool,
 ) -> str | None:
-    from edge.signing import Signature, verify  # noqa: PLC0415 - see the TYPE_CHECKING note
-
     sig_path = path / SIGNATURE_FILE
     if not sig_path.exists():
         if require_signature:
             raise SignatureError(f"{path}: unsigned bundle, and a signature is required")
         return None
+    from edge.signing import Signature, verify  # noqa: PLC0415 - see the TYPE_CHECKING note
+
     try:
         sig_bytes = sig_path.read_bytes()
     except OSError as exc:
