@@ -443,14 +443,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         b.tls.ca_file = rel(b.tls.ca_file) or b.tls.ca_file
         b.tls.cert_file = rel(b.tls.cert_file) or b.tls.cert_file
         b.tls.key_file = rel(b.tls.key_file) or b.tls.key_file
-    config.trust.trusted_keys = [
-        str(base / k) if not Path(k).is_absolute() and (base / k).exists() else k
-        for k in config.trust.trusted_keys
-    ]
-    config.fleet.operator_keys = [
-        str(base / k) if not Path(k).is_absolute() and (base / k).exists() else k
-        for k in config.fleet.operator_keys
-    ]
+    def rel_keys(entries: list[str]) -> list[str]:
+        # An entry is a key file (relative to the config) or an inline base64 key.
+        return [str(base / k) if not Path(k).is_absolute() and (base / k).exists() else k
+                for k in entries]
+
+    config.trust.trusted_keys = rel_keys(config.trust.trusted_keys)
+    config.fleet.operator_keys = rel_keys(config.fleet.operator_keys)
     return config
 
 

@@ -50,16 +50,12 @@ _UNSEEN = object()
 
 def trusted_keys(config: Config) -> list[Ed25519PublicKey]:
     """The public keys a config trusts, read from files or inline base64."""
-    keys: list[Ed25519PublicKey] = []
     if not config.trust.trusted_keys:
-        return keys
+        return []
     # Imported only when keys are configured: cryptography costs ~8 MB of resident memory.
-    from edge.signing import load_public_key, parse_public_key  # noqa: PLC0415
+    from edge.signing import load_public_keys  # noqa: PLC0415
 
-    for entry in config.trust.trusted_keys:
-        path = Path(entry)
-        keys.append(load_public_key(path) if path.exists() else parse_public_key(entry))
-    return keys
+    return load_public_keys(config.trust.trusted_keys)
 
 
 def load_model(

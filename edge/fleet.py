@@ -34,7 +34,7 @@ from edge.config import Config
 from edge.daemon import Daemon
 from edge.envelope import Desired, EnvelopeError, open_envelope
 from edge.errors import FloorlineError
-from edge.signing import load_public_key, parse_public_key
+from edge.signing import load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
 
 def operator_keys(config: Config) -> list[Ed25519PublicKey]:
     """The operator public keys the local config trusts."""
-    keys = []
-    for entry in config.fleet.operator_keys:
-        path = Path(entry)
-        keys.append(load_public_key(path) if path.exists() else parse_public_key(entry))
-    return keys
+    return load_public_keys(config.fleet.operator_keys)
 
 
 class FleetAgent:

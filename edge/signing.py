@@ -90,6 +90,14 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return parse_public_key(text, origin=str(path))
 
 
+def load_public_keys(entries: list[str]) -> list[Ed25519PublicKey]:
+    """Keys from config entries: each a key file path (PEM or base64) or an inline base64 key."""
+    return [
+        load_public_key(Path(e)) if Path(e).exists() else parse_public_key(e, origin="config")
+        for e in entries
+    ]
+
+
 @dataclass(frozen=True)
 class Signature:
     """A detached ed25519 signature with the id of the key that made it."""
