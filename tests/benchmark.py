@@ -37,8 +37,9 @@ How it measures, and why:
 - A rate is *sustained* when nothing was lost and no backlog built up. Nothing lost: every
   expected prediction arrived (each stream ends on a window boundary, so every sample lies in
   some window and one lost message costs at least one prediction) and, from the daemon's stats
-  topic, it received every message and dropped none. No backlog: the latency did not grow over
-  the step (``latency_trend``); the daemon's inbox would otherwise hide an overload for seconds.
+  topic, it received every message and dropped none. No backlog: the latency neither grew over
+  the step nor stood high (``latency_trend``, ``TREND_LIMIT_S``, ``LATENCY_CAP_S``); the
+  daemon's inbox and the broker's queue would otherwise hide an overload for seconds.
 - Latency is measured from the publisher's send time of a window's last message to the
   collector's receipt of its prediction, on ``time.monotonic()`` in both processes (Linux
   CLOCK_MONOTONIC is system-wide).
@@ -100,7 +101,10 @@ MAX_WAIT_MS = 5
 FEATURES = 3
 SAMPLE_INTERVAL_S = 0.001  # simulated 1 kHz sensor time in the payloads' timestamps
 TREND_LIMIT_S = 0.1
-"""How much the latency may grow over a step (at least; see ``latency_trend``)."""
+"""How much the daemon's latency may grow over a sustained step (see ``latency_trend``)."""
+LATENCY_CAP_S = 0.5
+"""The daemon's latency in a sustained step stays below this (fifths' medians): 100 times its
+max_wait_ms, far above what it adds when it keeps up, far below a standing backlog."""
 TICK_S = 0.0005
 """The paced publisher's write period: coarse enough to batch writes, fine enough for latency."""
 KEEPALIVE_S = 60000  # the raw publisher never pings; mosquitto caps keepalive at 65535
@@ -681,6 +685,10 @@ class Target:
     sequence number of the window's last sample)."""
     log_path: Path | None = None
     sampler: RssSampler | None = None
+    trend_allowance_ms: float = TREND_LIMIT_S * 1e3
+    """How much its latency may grow over a step (see ``latency_trend``)."""
+    latency_cap_ms: float = LATENCY_CAP_S * 1e3
+    """The largest a fifth's median latency may be in a sustained step."""
 
     @property
     def pid(self) -> int:
@@ -880,27 +888,27 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
             "p99": round(float(p99), 3), "max": round(float(a.max()), 3), "n": int(a.size)}
 
 
-def latency_trend(rounds: dict[int, list[float]]) -> tuple[float | None, float]:
-    """How much further behind the target fell during a step: (growth, allowance), in ms.
+def latency_trend(rounds: dict[int, list[float]]) -> tuple[float | None, float | None]:
+    """How far behind the target fell during a step: (growth, worst level), in ms.
 
     A round is one window number across all assets: their windows fall due together, so a target
     that works through them one by one (the naive way) has a spread inside every round that says
-    nothing about falling behind. The rounds are cut into fifths; growth is the largest fifth's
-    median latency minus the first fifth's. The largest, not the last: an overloaded daemon
-    catches up at the very end, once the stream stops competing with it for the GIL. Medians
-    over a fifth, not single rounds: one scheduling hiccup on a shared machine is not a trend.
-    The allowance is ``TREND_LIMIT_S`` or a quarter of the first fifth's median, whichever is
-    larger: a naive target's rounds take seconds and vary by hundreds of milliseconds.
+    nothing about falling behind. The rounds are cut into fifths and each fifth's median latency
+    taken: medians over a fifth, so one scheduling hiccup on a shared machine is not a trend.
+    Growth is the largest fifth's median minus the first's (the largest, not the last: an
+    overloaded daemon catches up at the very end, once the stream stops competing with it for the
+    GIL); the worst level is the largest fifth's median. Both are needed: a daemon can also fall
+    seconds behind in the first fifth and then hold that backlog, working in bigger batches, with
+    no further growth.
     """
     if not rounds:
-        return None, 0.0  # nothing arrived: the missing predictions say it already
+        return None, None  # nothing arrived: the missing predictions say it already
     ordered = [rounds[k] for k in sorted(rounds)]
     n = len(ordered)
     cuts = sorted({round(i * n / 5) for i in range(6)})
     medians = [float(np.median([lat for r in ordered[a:b] for lat in r]))
                for a, b in itertools.pairwise(cuts) if b > a]
-    allowance = max(TREND_LIMIT_S * 1e3, medians[0] / 4)
-    return max(medians) - medians[0], allowance
+    return max(medians) - medians[0], max(medians)
 
 
 @dataclass
@@ -1090,13 +1098,16 @@ class Bench:
                 outward.append(out_ms)
                 inward.append(total_ms - own_ms - out_ms)
         latencies = [lat for r in rounds.values() for lat in r]
-        trend_ms, allowance_ms = latency_trend(rounds)
+        trend_ms, level_ms = latency_trend(rounds)
         reasons = []
         if len(seen) != expected:
             reasons.append(f"{len(seen)} of {expected} predictions")
-        if trend_ms is not None and trend_ms > allowance_ms:
+        if trend_ms is not None and trend_ms > target.trend_allowance_ms:
             reasons.append(f"falling behind (latency +{trend_ms:.0f} ms over the step, "
-                           f"allowed {allowance_ms:.0f})")
+                           f"allowed {target.trend_allowance_ms:.0f})")
+        if level_ms is not None and level_ms > target.latency_cap_ms:
+            reasons.append(f"behind by {level_ms:.0f} ms (a fifth's median; allowed "
+                           f"{target.latency_cap_ms:.0f})")
         if counters is not None and (counters["received"] != sent.sent or counters["dropped"]):
             reasons.append(f"daemon received {counters['received']} of {sent.sent}, "
                            f"dropped {counters['dropped']}")
@@ -1321,6 +1332,11 @@ def measure_naive(bench: Bench, ceiling: float, log: Callable[[str], None]) -> d
         log(f"  naive up in {startup:.1f} s; model.predict on one window {predict_ms:.1f} ms")
         # Bracket from its own model cost: one predict per HOP messages is what it can afford.
         capacity = HOP * 1000 / predict_ms if predict_ms > 0 else ceiling / 64
+        # Its windows of all assets fall due together and it predicts them one by one: a round
+        # takes assets x predict_ms however light the load. Judge its backlog against that.
+        round_ms = bench.budget.assets * (predict_ms or 100.0)
+        target.trend_allowance_ms = max(TREND_LIMIT_S * 1e3, round_ms / 8)
+        target.latency_cap_ms = round_ms + LATENCY_CAP_S * 1e3
         # No warm-up stream: the script traced its model before it said ready, and at its
         # rates every extra step costs many seconds.
         search = bench.search(target, "sample", capacity / 2, min(ceiling, 1.25 * capacity),
