@@ -33,8 +33,9 @@ from edge.encode import dead_letter
 from edge.errors import BundleError, FloorlineError
 from edge.journal import WindowJournal
 from edge.metrics import BundleInfo, Metrics
+from edge.mqtt_reader import Publish
 from edge.outbox import Outbox
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, Token
 from edge.publisher import Publisher
 from edge.topics import matches, shared_subscription_filter
 from edge.transport import MqttTransport, SessionOptions, Will
@@ -311,6 +312,7 @@ class Daemon:
                 max_packet_bytes=self.config.limits.max_packet_bytes,
             ),
             on_published=self.publisher.on_published,
+            on_messages=self._on_messages,
         )
         self.acks.transport = self.transport
         self.publisher.attach(self.transport)
@@ -344,56 +346,86 @@ class Daemon:
     def _on_message(
         self, topic: str, payload: bytes, received: float, mid: int = 0, qos: int = 0
     ) -> None:
+        self._on_messages([(topic, payload, mid, qos)], received)
+
+    def _on_messages(self, batch: list[Publish], received: float) -> None:
+        # One read's messages: the lock is taken once, and each pipeline gets its share as one
+        # list. Extra routes (fleet documents) are rare and handled one by one, in order.
         if self._extra_routes:
-            handler = self._extra_cache.get(topic, _UNSEEN)
-            if handler is _UNSEEN:
-                handler = next((h for f, h in self._extra_routes if matches(f, topic)), None)
-                if len(self._extra_cache) < _ROUTE_CACHE_LIMIT:
-                    self._extra_cache[topic] = handler
-            if handler is not None:
+            plain: list[Publish] = []
+            for message in batch:
+                handler = self._extra_route(message[0])
+                if handler is None:
+                    plain.append(message)
+                    continue
+                self._route_locked(plain, received)
+                plain = []
+                topic, payload, mid, qos = message
                 handler(topic, payload)  # type: ignore[operator]
                 if qos > 0 and self.transport is not None:
                     self.transport.ack(mid, qos)
-                return
+            batch = plain
+        self._route_locked(batch, received)
+
+    def _extra_route(self, topic: str) -> object | None:
+        handler = self._extra_cache.get(topic, _UNSEEN)
+        if handler is _UNSEEN:
+            handler = next((h for f, h in self._extra_routes if matches(f, topic)), None)
+            if len(self._extra_cache) < _ROUTE_CACHE_LIMIT:
+                self._extra_cache[topic] = handler
+        return handler
+
+    def _route_locked(self, batch: list[Publish], received: float) -> None:
+        if not batch:
+            return
         with self._route_lock:
             if self._holding is not None:
-                # A generation switch is under way: keep the message, in order, for the next one.
-                self._holding.append((topic, payload, received, mid, qos))
+                # A generation switch is under way: keep the messages, in order, for the next one.
+                self._holding.extend((t, p, received, m, q) for t, p, m, q in batch)
                 return
-            self._route(topic, payload, received, mid, qos)
+            self._route(batch, received)
 
-    def _route(self, topic: str, payload: bytes, received: float, mid: int, qos: int) -> None:
+    def _targets(self, gen: Generation, topic: str) -> tuple[Pipeline, ...]:
+        targets = tuple(p for f, p in gen.filters if matches(f, topic))
+        if len(gen.routes) < _ROUTE_CACHE_LIMIT:
+            gen.routes[topic] = targets
+        return targets
+
+    def _route(self, batch: list[Publish], received: float) -> None:
         gen = self.gen
-        targets: tuple[Pipeline, ...] = ()
-        if gen is not None:
-            cached = gen.routes.get(topic)
-            if cached is None:
-                cached = tuple(p for f, p in gen.filters if matches(f, topic))
-                if len(gen.routes) < _ROUTE_CACHE_LIMIT:
-                    gen.routes[topic] = cached
-            targets = cached
-        owed = qos > 0
-        if not targets:
-            self.unroutable["unroutable"] += 1
-            dlq = self.config.topics.dead_letter.format(gateway=self.gateway, pipeline="_unrouted")
-            report = dead_letter("_unrouted", "unroutable", topic, len(payload))
-            if self.publisher is not None:
-                self.publisher.submit([(dlq, report, 0, False)])
-            if owed and self.transport is not None:
-                self.transport.ack(mid, qos)
-            return
-        token = None
-        if owed:
-            durable = sum(1 for p in targets if p.config.ack == "durable")
-            if durable:
-                self.acks.hold(mid, durable)
-                token = (mid, qos)
-            elif self.transport is not None:
-                self.transport.ack(mid, qos)  # receipt mode: acknowledged on arrival
-        for pipeline in targets:
-            pipeline.offer(
-                topic, payload, received, token if pipeline.config.ack == "durable" else None
-            )
+        routes = gen.routes if gen is not None else {}
+        offers: dict[Pipeline, list[tuple[str, bytes, float, Token]]] = {}
+        for topic, payload, mid, qos in batch:
+            targets = routes.get(topic)
+            if targets is None:
+                targets = self._targets(gen, topic) if gen is not None else ()
+            if not targets:
+                self._unroutable(topic, payload, mid, qos)
+                continue
+            token: Token = None
+            if qos > 0:
+                durable = sum(1 for p in targets if p.durable)
+                if durable:
+                    self.acks.hold(mid, durable)
+                    token = (mid, qos)
+                elif self.transport is not None:
+                    self.transport.ack(mid, qos)  # receipt mode: acknowledged on arrival
+            for pipeline in targets:
+                items = offers.get(pipeline)
+                if items is None:
+                    items = offers[pipeline] = []
+                items.append((topic, payload, received, token if pipeline.durable else None))
+        for pipeline, items in offers.items():
+            pipeline.offer_many(items)
+
+    def _unroutable(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        self.unroutable["unroutable"] += 1
+        dlq = self.config.topics.dead_letter.format(gateway=self.gateway, pipeline="_unrouted")
+        report = dead_letter("_unrouted", "unroutable", topic, len(payload))
+        if self.publisher is not None:
+            self.publisher.submit([(dlq, report, 0, False)])
+        if qos > 0 and self.transport is not None:
+            self.transport.ack(mid, qos)
 
     # -- configuration changes ----------------------------------------------------------------
 
@@ -430,8 +462,8 @@ class Daemon:
             finally:
                 with self._route_lock:
                     held, self._holding = self._holding or [], None
-                    for item in held:
-                        self._route(*item)
+                    for topic, payload, received, mid, qos in held:
+                        self._route([(topic, payload, mid, qos)], received)
             if old is not None:
                 old.close()
             if self.transport is not None and self.transport.connected.is_set():

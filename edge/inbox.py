@@ -34,6 +34,19 @@ class Inbox(Generic[T]):
 
     put = put_nowait
 
+    def put_many(self, items: list[T]) -> list[T]:
+        """Append ITEMS up to the bound; return those that did not fit (never blocks)."""
+        room = self._max - len(self._items)
+        if room >= len(items):
+            self._items.extend(items)
+            rest: list[T] = []
+        else:
+            self._items.extend(items[: max(room, 0)])
+            rest = items[max(room, 0) :]
+        if not self._ready.is_set():
+            self._ready.set()
+        return rest
+
     def get(self, timeout: float | None = None) -> T:
         """The oldest item; wait up to TIMEOUT for one, else raise queue.Empty. One consumer."""
         try:
@@ -48,6 +61,17 @@ class Inbox(Generic[T]):
         if not self._ready.wait(timeout):
             raise queue.Empty
         return self._items.popleft()
+
+    def get_many(self, limit: int, timeout: float | None = None) -> list[T]:
+        """Up to LIMIT of the oldest items; wait up to TIMEOUT for one, else []. One consumer."""
+        items = self._items
+        if not items:
+            self._ready.clear()
+            # As in get(): an item appended before the clear is found by this second look.
+            if not items and not self._ready.wait(timeout):
+                return []
+        popleft = items.popleft
+        return [popleft() for _ in range(min(limit, len(items)))]
 
     def qsize(self) -> int:
         """Items waiting."""

@@ -45,6 +45,7 @@ Token = tuple[int, int] | None
 Release = Callable[[list[tuple[int, int]]], None]
 
 _POLL_S = 0.1
+_RUN = 64  # messages the worker takes from its inbox at once
 _SETTLE_EVERY = 256  # messages; bounds how many a worker holds unacknowledged in a busy stream
 
 
@@ -75,6 +76,7 @@ class Pipeline:
         self._observe = observe
         self._release = release
         self._durable = config.ack == "durable"
+        self.durable = self._durable
         self._journal = journal if self._durable else None
         self._max_payload = limits.max_payload_bytes
         self._drain_s = limits.drain_timeout_s
@@ -141,6 +143,16 @@ class Pipeline:
             if token is not None and self._release is not None:
                 self._release([token])  # dropped by policy: holding it would stall the stream
 
+    def offer_many(self, items: list[tuple[str, bytes, float, Token]]) -> None:
+        """Enqueue ITEMS in order; those the inbox cannot hold are dropped and counted."""
+        self.counters["received"] += len(items)
+        rest = self.inbox.put_many(items)
+        if rest:
+            self.counters["dropped_inbox_full"] += len(rest)
+            tokens = [token for *_, token in rest if token is not None]
+            if tokens and self._release is not None:
+                self._release(tokens)  # dropped by policy: holding them would stall the stream
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -174,17 +186,19 @@ class Pipeline:
                 deadline = time.monotonic() + self._drain_s
             timeout = self._batcher.timeout()
             wait = _POLL_S if timeout is None else min(timeout, _POLL_S)
-            try:
-                topic, payload, received, token = self.inbox.get(timeout=wait)
-            except queue.Empty:
-                if deadline is not None:
-                    break
-            else:
-                self._handle(topic, payload, received)
-                if token is not None:
-                    self._held.append(token)
-                if self.inbox.empty() or len(self._held) >= _SETTLE_EVERY:
+            # A run of messages at a time: the checks below are per run, not per message.
+            # Bounded, so a window that is due waits at most one run.
+            items = self.inbox.get_many(_RUN, timeout=wait)
+            if items:
+                held = self._held
+                for topic, payload, received, token in items:
+                    self._handle(topic, payload, received)
+                    if token is not None:
+                        held.append(token)
+                if self.inbox.empty() or len(held) >= _SETTLE_EVERY:
                     self._settle()
+            elif deadline is not None:
+                break
             due = self._batcher.take_due()
             if due:
                 self._infer(due)

@@ -1,4 +1,4 @@
-"""The MQTT connection: the only module that imports paho.
+"""The MQTT connection: with edge/mqtt_reader.py, the only modules that import paho.
 
 Paho's network thread calls ``on_message`` under its own lock, so the callback given here must
 only enqueue. Connection state is what the broker said in CONNACK, never an assumption:
@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.config import BrokerConfig
 from edge.errors import TransportError
+from edge.mqtt_reader import BufferedClient, BufferedSocket, PublishBatch
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,14 @@ class MqttTransport:
         on_connect: Callable[[], None] | None = None,
         session: SessionOptions | None = None,
         on_published: Callable[[int], None] | None = None,
+        on_messages: PublishBatch | None = None,
     ) -> None:
+        """Set up the client; nothing touches the network before start().
+
+        ON_MESSAGE gets messages one by one; with ON_MESSAGES, runs of QoS 0/1 PUBLISH packets
+        read together go there as one list instead (edge/mqtt_reader.py), in order with those
+        ON_MESSAGE still gets.
+        """
         self._broker = broker
         self._handler = on_message
         self._subscriptions = subscriptions
@@ -103,7 +111,7 @@ class MqttTransport:
         self._thread: threading.Thread | None = None
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._v5 = broker.protocol == "5"
-        self._client = mqtt.Client(
+        self._client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
@@ -115,6 +123,7 @@ class MqttTransport:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
+        self._client.on_publishes = on_messages
         # A wider window keeps prediction bursts moving; the outbox, not paho, holds the backlog.
         self._client.max_inflight_messages_set(100)
         # QoS 0 messages published while disconnected are refused rather than piling up here.
@@ -311,6 +320,8 @@ class MqttTransport:
             return False
         log.warning("broker did not answer a keepalive ping: connection presumed dead")
         sock = self._client.socket()
+        if isinstance(sock, BufferedSocket):
+            sock = sock.raw
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):  # already closed: just as dead
                 sock.shutdown(socket.SHUT_RDWR)

@@ -45,20 +45,33 @@ def test_tiny_benchmark_writes_every_section_with_sane_numbers(tmp_path: Path) -
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "against floorline reader" in done.stdout, done.stdout[-3000:]
     results = json.loads(out.read_text())
 
     for section in SECTIONS:
         assert section in results, f"no {section} section"
+    ceilings = results["ceilings"]
     for protocol in ("3.1.1", "5"):
-        assert results["ceilings"]["bare"][protocol]["rate"] > 0
-        for kind in ("binary", "json_block"):
-            assert results["ceilings"]["echo"][protocol][kind]["rate"] > 0
+        # Stock paho (the goals' measure) and floorline's own reader (the daemon's), each.
+        for bare, echo in (("bare", "echo"), ("bare_floorline", "echo_floorline")):
+            assert ceilings[bare][protocol]["rate"] > 0, bare
+            for kind in ("binary", "json_block"):
+                assert ceilings[echo][protocol][kind]["rate"] > 0, echo
         sample = results["daemon_sample"][protocol]
         assert sample["search"]["steps"], "the per-sample search made no step"
+        # Searched up to the faster of the two bare subscribers, reported against both.
+        bound = max(ceilings[b][protocol]["rate"] for b in ("bare", "bare_floorline"))
+        assert sample["search"]["bracket"][1] == round(bound, 1)
+        assert isinstance(sample["ratio"], float)
+        assert isinstance(sample["ratio_floorline"], float)
         assert sample["startup"]["seconds"] > 0
         assert sample["rss_mb"]["after_warm_up"] > 0
     for kind in ("binary", "json_block"):
-        assert results["daemon_block"][kind]["search"]["steps"]
+        block = results["daemon_block"][kind]
+        assert block["search"]["steps"]
+        bound = max(ceilings[e]["5"][kind]["rate"] for e in ("echo", "echo_floorline"))
+        assert block["search"]["bracket"][1] == round(bound, 1)
+        assert isinstance(block["ratio_floorline"], float)
     backend = results["ceilings"]["backend"]
     assert backend["batch1_windows_s"] > 0
     assert backend["batch32_windows_s"] > 0
