@@ -97,6 +97,9 @@ class Samples:
     """Sequence number of ``values[0]``; sample i has ``first_seq + i``. None without sequence."""
     asset: str | None
     """The asset named by the payload when the asset key is a payload field, else None."""
+    step: float | None = None
+    """Seconds between consecutive timestamps when the format fixes it (binary blocks): the
+    windower then checks only the step into the message, not each one inside it."""
 
 
 class Decoder(Protocol):
@@ -539,7 +542,8 @@ class BinaryDecoder:
             timestamps = start + np.arange(n, dtype=np.float64) * self._interval_s
             if self._has_seq:
                 (first_seq,) = struct.unpack_from("<Q", payload, 8)
-        return Samples(values, timestamps, first_seq, None)
+        return Samples(values, timestamps, first_seq, None,
+                       self._interval_s if timestamps is not None else None)
 
 
 # --- CSV -----------------------------------------------------------------------------------------

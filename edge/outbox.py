@@ -35,7 +35,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +71,9 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
 _Row = tuple[int, str, bytes, int, int, float]
+_TAIL_MAX = 1024  # newest messages also kept in memory, so the flusher reads them without SQL
+_IN_CHUNK = 500  # ids per DELETE ... IN (...): under SQLite's smallest variable limit (999)
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 
 
 class OutboxConfig(BaseModel):
@@ -148,6 +151,11 @@ class Outbox:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._memory: OrderedDict[int, OutMessage] = OrderedDict()
+        # Disk mode: the newest messages, also in memory. Every pending message with an id of
+        # _tail_from or above is in _tail, so `after` past that point needs no query: the flusher
+        # reads back what it is about to publish straight after it was put.
+        self._tail: OrderedDict[int, OutMessage] = OrderedDict()
+        self._tail_from: int | None = None
         self._last_id = 0
         self._depth = 0
         self._bytes = 0
@@ -194,6 +202,8 @@ class Outbox:
             if self._closed or limit <= 0:
                 return []
             if self._conn is not None:
+                if self._tail_from is not None and last_id + 1 >= self._tail_from:
+                    return self._from_tail(last_id, limit)
                 try:
                     rows = self._conn.execute(
                         f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608 - constant columns
@@ -212,6 +222,20 @@ class Outbox:
                     if len(out) == limit:
                         break
             return out
+
+    def _from_tail(self, last_id: int, limit: int) -> list[OutMessage]:
+        out: list[OutMessage] = []
+        for message_id, message in self._tail.items():  # at most _TAIL_MAX, mostly in flight
+            if message_id > last_id:
+                out.append(message)
+                if len(out) == limit:
+                    break
+        return out
+
+    def _tail_reset(self) -> None:
+        """Rows were deleted wholesale (trim, expiry): cover only ids from here on."""
+        self._tail.clear()
+        self._tail_from = self._last_id + 1
 
     def ack_many(self, ids: Iterable[int]) -> None:
         """Forget acknowledged messages. Unknown ids (already acked, dropped) are ignored.
@@ -358,6 +382,7 @@ class Outbox:
         self.mode = "disk"
         self._depth, self._bytes = int(depth), int(size)
         self._last_id = int(seq[0]) if seq else 0
+        self._tail_reset()
 
     def _salvage(self, path: Path) -> tuple[list[OutMessage], int]:
         # immutable=1 reads a file SQLite would otherwise refuse (no -shm can be created in a
@@ -389,6 +414,8 @@ class Outbox:
 
     def _degrade(self, exc: sqlite3.Error) -> None:
         conn, self._conn = self._conn, None
+        self._tail.clear()
+        self._tail_from = None
         carried: list[OutMessage] = []
         total = self._depth
         if conn is not None:
@@ -425,27 +452,34 @@ class Outbox:
     def _disk_put(
         self, conn: sqlite3.Connection, messages: Sequence[tuple[str, bytes, int, bool]], now: float
     ) -> list[int]:
-        ids: list[int] = []
-        added = 0
+        added = sum(len(m[1]) for m in messages)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cur = conn.cursor()
-            for topic, payload, qos, retain in messages:
-                cur.execute(
-                    "INSERT INTO outbox (created, qos, retain, topic, payload)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (now, qos, int(retain), topic, payload),
-                )
-                ids.append(cast("int", cur.lastrowid))  # an INSERT always sets it
-                added += len(payload)
+            conn.executemany(
+                "INSERT INTO outbox (created, qos, retain, topic, payload) VALUES (?, ?, ?, ?, ?)",
+                [(now, qos, int(retain), t, p) for t, p, qos, retain in messages],
+            )
+            # One writer (this connection, under the lock) in one transaction: AUTOINCREMENT
+            # ids of one statement are consecutive, ending at last_insert_rowid().
+            last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
             dropped, freed = _trim_oldest(conn, self._bytes + added - self.config.max_bytes)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+        ids = list(range(last - len(messages) + 1, last + 1))
         self._depth += len(ids) - dropped
         self._bytes += added - freed
-        self._last_id = ids[-1]
+        self._last_id = last
+        if dropped:
+            self._tail_reset()
+        else:
+            tail = self._tail
+            for message_id, (topic, payload, qos, retain) in zip(ids, messages, strict=True):
+                tail[message_id] = OutMessage(message_id, topic, payload, qos, bool(retain), now)
+            while len(tail) > _TAIL_MAX:
+                oldest, _ = tail.popitem(last=False)
+                self._tail_from = oldest + 1
         self._count_drops("max_bytes", dropped)
         return ids
 
@@ -453,20 +487,33 @@ class Outbox:
         removed = freed = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for message_id in ids:
-                row = conn.execute(
-                    "SELECT length(payload) FROM outbox WHERE id = ?", (message_id,)
-                ).fetchone()
-                if row is not None:
-                    conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
-                    removed += 1
-                    freed += int(row[0])
+            for at in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[at : at + _IN_CHUNK]
+                if _RETURNING:
+                    marks = ",".join("?" * len(chunk))
+                    sizes = conn.execute(
+                        f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING length(payload)",  # noqa: S608 - only placeholders
+                        chunk,
+                    ).fetchall()
+                else:  # SQLite before 3.35 (no RETURNING): row by row
+                    sizes = []
+                    for message_id in chunk:
+                        row = conn.execute(
+                            "SELECT length(payload) FROM outbox WHERE id = ?", (message_id,)
+                        ).fetchone()
+                        if row is not None:
+                            conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+                            sizes.append(row)
+                removed += len(sizes)
+                freed += sum(int(size) for (size,) in sizes)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
         self._depth -= removed
         self._bytes -= freed
+        for message_id in ids:
+            self._tail.pop(message_id, None)
 
     def _disk_expire(self, conn: sqlite3.Connection, cutoff: float) -> int:
         conn.execute("BEGIN IMMEDIATE")
@@ -489,6 +536,8 @@ class Outbox:
             raise
         self._depth -= count
         self._bytes -= freed
+        if count:
+            self._tail_reset()
         return count
 
     # -- memory -------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ Message = tuple[str, bytes, int, bool]
 """(topic, payload, qos, retain)"""
 
 _EXPIRE_EVERY_S = 60.0
+# Acknowledged rows are deleted from the outbox together, not one transaction per PUBACK: when
+# this many are due, or this long after the first. A crash in between resends them (at least
+# once, as any crash between PUBACK and delete would).
+_DELETE_EVERY = 64
+_DELETE_AFTER_S = 0.02
 
 
 class _Transport(Protocol):
@@ -58,6 +63,8 @@ class Publisher:
         self._inflight: dict[int, int] = {}  # paho mid → outbox id; flusher thread only
         self._handed: set[int] = set()  # outbox ids paho holds; flusher thread only
         self._early: dict[int, float] = {}  # PUBACKs seen before their mid was recorded
+        self._done: list[int] = []  # acknowledged outbox ids not yet deleted; flusher thread only
+        self._done_since = 0.0
         self._cursor = 0
         self._resync_until: float | None = None
         self.resync_timeout = 5.0
@@ -90,6 +97,9 @@ class Publisher:
 
     def on_published(self, mid: int) -> None:
         """Paho's PUBACK callback (network thread, paho locks held): only queue the id."""
+        # Every PUBACK wakes the flusher: waking it only in bulk was measured cheaper, but it
+        # made flush turns longer, and a long turn that straddles a reconnect can send a new
+        # message ahead of paho's resends of older ones (tests/test_faults.py caught it).
         self._acked.append(mid)
         self._wake.set()
 
@@ -115,16 +125,20 @@ class Publisher:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(5)
+        if not self._thread.is_alive():
+            self._settle_acks()
+            self._delete_done(force=True)
         self.outbox.close()
 
     # -- flusher thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.2)
+            self._wake.wait(_DELETE_AFTER_S if self._acked or self._done else 0.2)
             self._wake.clear()
             try:
                 self._settle_acks()
+                self._delete_done(force=False)
                 self._flush()
                 now = time.monotonic()
                 if now - self._last_expire > _EXPIRE_EVERY_S:
@@ -135,7 +149,6 @@ class Publisher:
                 self._stop.wait(1.0)
 
     def _settle_acks(self) -> None:
-        done: list[int] = []
         while self._acked:
             mid = self._acked.popleft()
             row = self._inflight.pop(mid, None)
@@ -143,21 +156,36 @@ class Publisher:
                 self._early[mid] = time.monotonic()
                 continue
             self._handed.discard(row)
-            done.append(row)
-        if done:
-            self.outbox.ack_many(done)
-            self.delivered += len(done)
+            self._mark_done(row)
         if self._early:
             # An early PUBACK is matched within microseconds; an old one must never match a
             # later message that reuses the id (ids wrap at 65535).
             cutoff = time.monotonic() - 5.0
             self._early = {m: t for m, t in self._early.items() if t > cutoff}
 
+    def _mark_done(self, row: int) -> None:
+        if not self._done:
+            self._done_since = time.monotonic()
+        self._done.append(row)
+        self.delivered += 1
+
+    def _delete_done(self, *, force: bool) -> None:
+        done = self._done
+        if done and (
+            force
+            or len(done) >= _DELETE_EVERY
+            or time.monotonic() - self._done_since >= _DELETE_AFTER_S
+        ):
+            self._done = []
+            self.outbox.ack_many(done)
+
     def _flush(self) -> None:
         t = self._transport
         if t is None or not t.connected.is_set():
             return
         if self._resync_until is not None:
+            # Reading from the start again: acknowledged rows must be gone by then.
+            self._delete_done(force=True)
             if self._handed and time.monotonic() < self._resync_until:
                 return  # paho is resending older messages; newer ones must not overtake them
             if self._handed:
@@ -176,7 +204,10 @@ class Publisher:
                 if row.id in self._handed:
                     self._cursor = row.id
                     continue
-                if room <= 0:
+                if room <= 0 or self._resync_until is not None or not t.connected.is_set():
+                    # Full, or the connection dropped or came back during this turn. Paho
+                    # resends older messages only after its CONNACK handling; a row sent in
+                    # between would overtake them. So stop here and resync first.
                     return
                 mid = t.publish_tracked(row.topic, row.payload, row.qos, row.retain)
                 if mid is None:
@@ -185,8 +216,7 @@ class Publisher:
                 self.published += 1
                 room -= 1
                 if self._early.pop(mid, None) is not None:
-                    self.outbox.ack_many([row.id])
-                    self.delivered += 1
+                    self._mark_done(row.id)
                 else:
                     self._handed.add(row.id)
                     self._inflight[mid] = row.id

@@ -195,6 +195,11 @@ class MqttTransport:
             client.subscribe(list(self._subscriptions))
         else:
             self.subscribed.set()
+        # The hook first: paho resends its unacknowledged messages only after this callback
+        # returns, so a publisher that saw `connected` before its hook ran could send newer
+        # messages ahead of those resends (out of order on the topic).
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
         self.connected.set()
         log.info(
             "connected to %s:%d (MQTT %s%s)",
@@ -203,8 +208,6 @@ class MqttTransport:
             self._broker.protocol,
             ", session resumed" if self.session_present else "",
         )
-        if self._on_connect_hook is not None:
-            self._on_connect_hook()
 
     def _on_subscribe(
         self,

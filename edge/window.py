@@ -176,7 +176,7 @@ class Windower:
         # Indices i where the buffer must be emptied before sample i (from time), with the cause.
         cuts: list[tuple[int, str]] = []
         if times is not None:
-            cuts = self._time_cuts(state.last_ts, times)
+            cuts = self._time_cuts(state.last_ts, times, samples.step)
         if cuts and cuts[0][0] == 0:
             # One discontinuity before the first sample is one reset, whatever noticed it first.
             reset_cause = reset_cause or cuts[0][1]
@@ -202,22 +202,34 @@ class Windower:
         state.last_seq = None if first_seq is None else first_seq + n - 1
         return out
 
-    def _time_cuts(self, last: float | None, times: NDArray[np.float64]) -> list[tuple[int, str]]:
-        if len(times) == 1:  # the per-sample message: plain floats beat numpy call overhead
+    def _time_cuts(
+        self, last: float | None, times: NDArray[np.float64], step: float | None
+    ) -> list[tuple[int, str]]:
+        # Per message, so in plain floats where it can be: numpy's call overhead is most of the
+        # cost at these sizes. Inside the message, a fixed step (binary blocks) within bounds
+        # cannot cut, and for other blocks one min and one max say whether anything does.
+        n = len(times)
+        inner_ok = n == 1 or (
+            step is not None and step >= 0 and (self._max_gap is None or step <= self._max_gap)
+        )
+        if not inner_ok:
+            d = times[1:] - times[:-1]
+            inner_ok = bool(d.min() >= 0) and (
+                self._max_gap is None or bool(d.max() <= self._max_gap)
+            )
+        if inner_ok:
             if last is None:
                 return []
-            step = float(times[0]) - last
-            if step < 0:
+            into = float(times[0]) - last
+            if into < 0:
                 return [(0, "time_backwards")]
-            if self._max_gap is not None and step > self._max_gap:
+            if self._max_gap is not None and into > self._max_gap:
                 return [(0, "time_gap")]
             return []
         steps = np.diff(times, prepend=times[0] if last is None else last)
         backwards = steps < 0
         bad = backwards if self._max_gap is None else backwards | (steps > self._max_gap)
         where = np.flatnonzero(bad)
-        if not len(where):
-            return []
         return [
             (int(i), "time_backwards" if back else "time_gap")
             for i, back in zip(where.tolist(), backwards[where].tolist(), strict=True)

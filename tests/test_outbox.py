@@ -544,3 +544,41 @@ def test_counters_stay_exact_under_concurrent_puts_acks_and_drops(box_path: Path
     with Outbox(box_path, OutboxConfig(max_bytes=6000)) as reopened:
         assert (reopened.depth(), reopened.pending_bytes()) == (depth, size)
         assert _held(reopened) == held
+
+
+def test_reads_served_from_the_in_memory_tail_equal_the_table(box_path: Path) -> None:
+    # `after` past the newest puts is answered from memory; every answer must equal the table's,
+    # through acks, byte-bound trims, expiry, and puts beyond the tail's size.
+    import random  # noqa: PLC0415
+    import sqlite3  # noqa: PLC0415
+
+    rng = random.Random(7)  # noqa: S311 - a test's reproducible choices
+    clock = FakeClock()
+    config = OutboxConfig.model_validate({"max_bytes": 100_000, "max_age_s": 5_000})
+    box = Outbox(box_path, config, clock)
+    table = sqlite3.connect(box_path)
+
+    def from_table(last: int, limit: int) -> list[tuple[int, str, bytes]]:
+        return table.execute(
+            "SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (last, limit)
+        ).fetchall()
+
+    try:
+        n = 0
+        for turn in range(300):
+            count = rng.choice([1, 5, 30, 600])
+            box.put_many(_msgs(n, count, size=rng.choice([10, 300])))
+            n += count
+            pending = [m.id for m in _held(box)]
+            box.ack_many(rng.sample(pending, k=min(len(pending), rng.randint(0, 40))))
+            if turn % 50 == 49:
+                clock.now += 10_000
+                box.expire()
+            for last in {0, *rng.sample(range(n + 2), k=5)}:
+                limit = rng.choice([1, 10, 100, 5000])
+                got = [(m.id, m.topic, m.payload) for m in box.after(last, limit)]
+                assert got == from_table(last, limit), (turn, last, limit)
+        assert box.depth() == table.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    finally:
+        table.close()
+        box.close()

@@ -383,3 +383,38 @@ def test_block_pushes_equal_per_sample_pushes_and_the_reference(
     assert by_block.resets == by_sample.resets == reference.resets
     assert by_block.duplicates == by_sample.duplicates == reference.duplicates
     assert by_block.pending() == by_sample.pending()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 6),
+    max_gap=st.sampled_from([None, 0.5, 1.0]),
+    step=st.sampled_from([0.0, 0.25, 0.5, 2.0]),
+    blocks=st.lists(
+        st.tuples(st.integers(1, 8), st.sampled_from([0.25, 0.0, 3.0, -1.0, -10.0])),
+        min_size=1, max_size=8,
+    ),
+)
+def test_a_declared_fixed_step_changes_nothing_but_the_cost(
+    size: int, max_gap: float | None, step: float, blocks: list[tuple[int, float]]
+) -> None:
+    # Binary blocks declare their step (Samples.step); the windower then checks only the step
+    # into each block. Same windows, same resets as checking every sample.
+    config = WindowConfig.model_validate({"hop": None, "max_gap_s": max_gap})
+    declared, checked = Windower(size, F, config), Windower(size, F, config)
+    got_declared: list[Window] = []
+    got_checked: list[Window] = []
+    t, next_id = 100.0, 0
+    for n, jump in blocks:
+        t += jump
+        times = [t + i * step for i in range(n)]
+        t = times[-1]
+        ids = [float(next_id + i) for i in range(n)]
+        next_id += n
+        fixed = _samples(ids, times)
+        fixed.step = step
+        got_declared += declared.push("a", fixed, 0.0)
+        got_checked += checked.push("a", _samples(ids, times), 0.0)
+    assert _summary(got_declared) == _summary(got_checked)
+    assert [(w.start, w.end) for w in got_declared] == [(w.start, w.end) for w in got_checked]
+    assert declared.resets == checked.resets
