@@ -36,14 +36,19 @@ PublishBatch = Callable[[list[Publish], float], None]
 _CHUNK = 65536
 _TURNS = 64  # packets paho handles per loop_read at most, so writes and keepalive get a turn
 _PUBLISH = 0x30
+_TOPIC_CACHE = 10_000  # distinct topics whose str is shared; beyond, each message decodes its own
 
 
-def split_publishes(buf: bytes, pos: int, v5: bool, out: list[Publish]) -> int:
+def split_publishes(
+    buf: bytes, pos: int, v5: bool, out: list[Publish], topics: dict[bytes, str] | None = None
+) -> int:
     """Append every complete QoS 0/1 PUBLISH in BUF from POS to OUT; return where they end.
 
     Stops at the first packet that is not one (another type, QoS 2, cut off by the end of BUF,
     a topic alias, a topic that is not UTF-8, a length that does not add up): paho reads that one.
     MQTT 5 properties are skipped: the daemon uses none, and it never allows topic aliases.
+    TOPICS, if given, maps topic bytes to one shared str per topic (bounded by the caller's
+    _TOPIC_CACHE): a queued message then holds no topic string of its own.
     """
     end = len(buf)
     while pos + 2 <= end:
@@ -71,10 +76,15 @@ def split_publishes(buf: bytes, pos: int, v5: bool, out: list[Publish]) -> int:
         i += 2 + tlen
         if tlen == 0 or i > stop:
             break
-        try:
-            topic = buf[i - tlen : i].decode()
-        except UnicodeDecodeError:
-            break
+        raw = buf[i - tlen : i]
+        topic = topics.get(raw) if topics is not None else None
+        if topic is None:
+            try:
+                topic = raw.decode()
+            except UnicodeDecodeError:
+                break
+            if topics is not None and len(topics) < _TOPIC_CACHE:
+                topics[raw] = topic
         mid = 0
         if qos:
             if i + 2 > stop:
@@ -165,6 +175,7 @@ class BufferedClient(mqtt.Client):
     """
 
     on_publishes: PublishBatch | None = None
+    _topics: dict[bytes, str] | None = None
 
     def _create_socket(self) -> Any:
         return BufferedSocket(super()._create_socket())
@@ -191,7 +202,11 @@ class BufferedClient(mqtt.Client):
 
     def _deliver(self, sock: BufferedSocket) -> None:
         batch: list[Publish] = []
-        sock.pos = split_publishes(sock.buf, sock.pos, self._protocol == mqtt.MQTTv5, batch)
+        if self._topics is None:
+            self._topics = {}
+        sock.pos = split_publishes(
+            sock.buf, sock.pos, self._protocol == mqtt.MQTTv5, batch, self._topics
+        )
         if not batch:
             return
         now = time.monotonic()

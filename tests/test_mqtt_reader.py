@@ -119,6 +119,13 @@ def test_split_equals_paho_up_to_qos2_or_a_cut(
     out: list[Publish] = []
     assert split_publishes(data, 0, v5, out) == end
     assert out == expected
+    # With the shared-topic cache, cold then warm: the same messages, one str per topic.
+    topics: dict[bytes, str] = {}
+    for _ in range(2):
+        cached: list[Publish] = []
+        assert split_publishes(data, 0, v5, cached, topics) == end
+        assert cached == expected
+    assert len({id(m[0]) for m in cached}) == len({m[0] for m in cached})
 
 
 def test_split_starts_at_the_given_position_and_appends() -> None:
