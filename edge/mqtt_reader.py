@@ -6,26 +6,36 @@ MQTT 5 a ``Properties`` object), looks for per-topic callbacks under a lock, and
 ``on_message``: about 18 µs per message on MQTT 3.1.1 and 42 µs on MQTT 5 on the benchmark
 machine (docs/benchmarks.md), more than the whole pipeline spends on a message.
 
-Here the socket is read through a 64 KiB buffer, so a burst costs one ``recv``, and the complete
+Here the socket is read through a 64 KiB buffer, so a burst costs one ``recv``; the complete
 PUBLISH packets at QoS 0 and 1 found in the buffer are split by ``split_publishes`` and handed
-over as one list. Everything else (CONNACK, SUBACK, PUBACK, PINGRESP, QoS 2, a packet cut by
+over as one list, and plain PUBACKs (the broker's answer to every prediction) are matched to
+paho's outgoing messages without building a reason code and properties for each. Everything
+else (CONNACK, SUBACK, PINGRESP, QoS 2, a PUBACK with a reason or properties, a packet cut by
 the end of the buffer, anything malformed or odd) goes through paho's own ``_packet_read``
 unchanged, which reads from the same buffer. So paho keeps the protocol state; this module only
 takes over the common packet, in order.
 
 This leans on paho 2.x internals (``_create_socket``, ``_packet_read``, ``_in_packet``,
-``_send_puback``, ``_loop_rc_handle``, ``_last_bytes_received``); paho is pinned ``<3`` and
+``_send_puback``, ``_do_on_publish``, ``_out_messages``, ``_loop_rc_handle``,
+``_last_bytes_received``); paho is pinned ``<3`` and
 tests/test_mqtt_reader.py checks the split against paho's own decoder.
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
 
 Publish = tuple[str, bytes, int, int]
 """(topic, payload, packet id, qos) of a received PUBLISH."""
@@ -36,6 +46,10 @@ PublishBatch = Callable[[list[Publish], float], None]
 _CHUNK = 65536
 _TURNS = 64  # packets paho handles per loop_read at most, so writes and keepalive get a turn
 _PUBLISH = 0x30
+_PUBACK = 0x40
+# Shared by every plain PUBACK handled here; on_publish callbacks only read them.
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _TOPIC_CACHE = 10_000  # distinct topics whose str is shared; beyond, each message decodes its own
 
 
@@ -181,24 +195,60 @@ class BufferedClient(mqtt.Client):
         return BufferedSocket(super()._create_socket())
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """Read what the socket has: PUBLISH runs split here, other packets by paho."""
+        """Read what the socket has: PUBLISH runs and PUBACKs here, other packets by paho."""
         current = self._sock
         if not isinstance(current, BufferedSocket) or self.on_publishes is None:
             return super().loop_read(max_packets)
         sock: BufferedSocket = current
         for _ in range(_TURNS):
-            if self._in_packet["command"] == 0 and sock.pos < len(sock.buf):
-                self._deliver(sock)
-                if sock.pos >= len(sock.buf):
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
-            # paho reads one packet: the next one that is not split here, the rest of one
-            # cut off, or (with nothing buffered) the first of the next recv.
+            if self._in_packet["command"] == 0:
+                done = self._fast_turn(sock)
+                if done is not None:
+                    return done
+            # paho reads one packet: the next one that is not handled here, or the rest of one
+            # cut off by the end of the last read.
             rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
             if rc == MQTTErrorCode.MQTT_ERR_AGAIN or self._sock is not sock:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
+                break
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _fast_turn(self, sock: BufferedSocket) -> MQTTErrorCode | None:
+        """Fill the buffer if it is consumed, then handle what is fast at its head.
+
+        Returns what loop_read returns when this turn ends the read, or None when paho has a
+        packet to read.
+        """
+        if sock.pos >= len(sock.buf):
+            stop = self._fill(sock)
+            if stop is not None:
+                return stop
+        self._deliver(sock)
+        rc = self._pubacks(sock)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return self._loop_rc_handle(rc)
+        if sock.pos >= len(sock.buf) or self._sock is not sock:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return None
+
+    def _fill(self, sock: BufferedSocket) -> MQTTErrorCode | None:
+        """One recv into the (consumed) buffer; an rc to return when there is nothing to do."""
+        try:
+            data: bytes = sock.raw.recv(_CHUNK)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS  # select saw TLS bytes that are no record yet
+        except ssl.SSLWantWriteError:
+            self._call_socket_register_write()
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        except OSError as exc:
+            log.debug("failed to receive on socket: %s", exc)
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if not data:  # the broker closed the connection
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        sock.buf = data
+        sock.pos = 0
+        return None
 
     def _deliver(self, sock: BufferedSocket) -> None:
         batch: list[Publish] = []
@@ -221,3 +271,27 @@ class BufferedClient(mqtt.Client):
                 for _, _, mid, qos in batch:
                     if qos:
                         self._send_puback(mid)
+
+    def _pubacks(self, sock: BufferedSocket) -> MQTTErrorCode:
+        """Handle the run of plain PUBACKs (success, no properties: 4 bytes) at the buffer's head.
+
+        What paho's _handle_pubackcomp does for them, without decoding a reason code and a
+        Properties object per packet: the broker acknowledges every prediction this way.
+        """
+        buf, pos, end = sock.buf, sock.pos, len(sock.buf)
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        seen = False
+        while pos + 4 <= end and buf[pos] == _PUBACK and buf[pos + 1] == 2:
+            mid = (buf[pos + 2] << 8) | buf[pos + 3]
+            pos += 4
+            seen = True
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    rc = self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        sock.pos = pos
+        if seen:
+            with self._msgtime_mutex:
+                self._last_bytes_received = time.monotonic()
+        return rc

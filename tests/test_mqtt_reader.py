@@ -359,3 +359,35 @@ def test_bursts_over_tls_arrive_complete_and_in_order(
         config, unique_topic, raw_clients, qos_of=lambda n: n % 2, ca_file=tls_material.ca_cert
     )
     assert per_qos(recorder.items) == per_qos(sent)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_every_qos1_publish_is_acknowledged_once_through_the_puback_path(
+    protocol: Literal["3.1.1", "5"], mosquitto: Mosquitto, unique_topic: str
+) -> None:
+    # The broker's PUBACKs arrive in runs; the reader matches them to paho's outgoing messages
+    # itself. Each must reach on_published once, and paho must forget each message.
+    acked: list[int] = []
+    config = BrokerConfig(host=mosquitto.host, port=mosquitto.port, protocol=protocol)
+    transport = MqttTransport(
+        config, f"reader-{uuid.uuid4().hex[:8]}", lambda *_: None, [],
+        on_published=acked.append, on_messages=lambda *_: None,
+    )
+    transport.start()
+    try:
+        assert transport.wait_connected(10)
+        mids: list[int | None] = []
+        for burst in range(15):  # 200 at a time: paho holds at most 1000 unsent (the transport)
+            mids += [transport.publish_tracked(f"{unique_topic}/p", b"%d" % i, 1, False)
+                     for i in range(200)]
+            want = len(mids)
+            wait_until(lambda w=want: len(acked) >= w, 30, f"{want} PUBACKs ({burst})")
+        assert None not in mids
+        info = transport.publish(f"{unique_topic}/p", b"last", qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        time.sleep(0.2)
+        assert sorted(acked) == sorted([*mids, info.mid])
+        assert not transport._client._out_messages  # paho forgot them all
+    finally:
+        transport.stop(timeout=2)
