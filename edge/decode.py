@@ -510,6 +510,7 @@ class BinaryDecoder:
         self._scale = np.float32(config.scale)
         self._int = config.dtype == "int16"
         self._interval_s = (config.sample_interval_ms or 0.0) / 1000.0
+        self._offsets: dict[int, NDArray[np.float64]] = {}  # i * interval, by block length
 
     def decode(self, payload: bytes) -> Samples:
         """The samples in one binary message; DecodeError on any bad input."""
@@ -530,16 +531,23 @@ class BinaryDecoder:
         else:
             # Zero-copy view of the payload; the windower copies it into its ring anyway.
             values = raw.astype(np.float32, copy=False)
-            if not np.isfinite(values).all():
+            # One reduction instead of an isfinite array: a NaN or inf makes the sum non-finite,
+            # and summed in float64 no count of finite float32 values can overflow.
+            if not math.isfinite(np.add.reduce(values, axis=None, dtype=np.float64)):
                 bad = float(values[~np.isfinite(values)][0])
                 raise DecodeError("non_finite", f"value {bad}")
         timestamps = None
         first_seq = None
         if self._header:
             (start,) = struct.unpack_from("<d", payload, 0)
-            if not _is_epoch(start) or not _is_epoch(start + (n - 1) * self._interval_s):
+            if not 0 <= start < math.inf or not start + (n - 1) * self._interval_s < math.inf:
                 raise DecodeError("bad_timestamp", f"header timestamp {start!r}")
-            timestamps = start + np.arange(n, dtype=np.float64) * self._interval_s
+            offsets = self._offsets.get(n)
+            if offsets is None:
+                offsets = np.arange(n, dtype=np.float64) * self._interval_s
+                if len(self._offsets) < 64:  # a few block lengths in practice
+                    self._offsets[n] = offsets
+            timestamps = start + offsets
             if self._has_seq:
                 (first_seq,) = struct.unpack_from("<Q", payload, 8)
         return Samples(values, timestamps, first_seq, None,

@@ -293,16 +293,11 @@ class Pipeline:
             # Once per batch: metrics cost nothing per message.
             self._observe(self.name, len(batch), inference_ms / 1e3,
                           [now - w.received for w in batch])
+        payloads = self._encoder.encode_batch(batch, out, inference_ms=inference_ms, now=now)
+        topic, qos, retain = self._encoder.topic, self._out_qos, self._out_retain
         messages = [
-            (
-                self._encoder.topic(window.asset),
-                self._encoder.encode(
-                    window, row, inference_ms=inference_ms, batch_size=len(batch), now=now
-                ),
-                self._out_qos,
-                self._out_retain,
-            )
-            for window, row in zip(batch, out, strict=True)
+            (topic(window.asset), payload, qos, retain)
+            for window, payload in zip(batch, payloads, strict=True)
         ]
         # One outbox transaction for the whole batch: committed before anything is released.
         self._submit(messages)

@@ -548,3 +548,15 @@ def test_plausible_csv_raises_only_decode_errors(
     decoder: Decoder, rows: list[list[str]], newline: str
 ) -> None:
     _only_decode_errors(decoder, newline.join(",".join(row) for row in rows).encode())
+
+
+def test_binary_values_whose_sum_overflows_are_still_finite_and_kept() -> None:
+    # The finite check is one sum: values whose sum is beyond float32 must not read as inf.
+    big = np.full((4, len(FEATURES)), 3.0e38, "<f4")
+    big[1] *= -1
+    samples = BinaryDecoder(BinaryDecoderConfig(), FEATURES).decode(big.tobytes())
+    np.testing.assert_array_equal(samples.values, big)
+    big[3, 1] = np.inf
+    with pytest.raises(DecodeError) as caught:
+        BinaryDecoder(BinaryDecoderConfig(), FEATURES).decode(big.tobytes())
+    assert caught.value.reason == "non_finite"
