@@ -258,6 +258,13 @@ class LimitsConfig(_Strict):
     inbox_size: int = Field(
         default=20000, ge=10, description="Messages queued per pipeline; beyond, new ones drop."
     )
+    inbox_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=4096,
+        description="Memory queued messages may take per `ack: receipt` pipeline, counted as "
+        "payload plus 128 bytes each; beyond, new ones drop (a message always fits an empty "
+        "inbox). Durable pipelines are bounded by inbox_size (MQTT 5: the receive maximum).",
+    )
     max_packet_bytes: int = Field(
         default=1024 * 1024,
         ge=64,

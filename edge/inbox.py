@@ -4,6 +4,10 @@
 message on a small CPU. A deque's append and popleft are atomic under the GIL, so only a worker
 that ran dry has to wait, on an Event the producer sets. Same interface as the subset of
 ``queue.Queue`` the pipeline uses, and the same exceptions.
+
+Bounded by a count and, with WEIGH, by weight (bytes): a count alone lets large messages take
+any amount of memory (20,000 messages of 256 KiB are 5 GiB). The weight held is what producers
+added minus what the consumer took, each counter written by one side only, so no lock is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -19,14 +24,43 @@ T = TypeVar("T")
 class Inbox(Generic[T]):
     """Bounded FIFO for a single consumer thread."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(
+        self, maxsize: int, max_weight: int | None = None, weigh: Callable[[T], int] | None = None
+    ) -> None:
         self._items: deque[T] = deque()
         self._max = maxsize
+        self._max_weight = max_weight if weigh is not None else None
+        self._weigh = weigh
+        self._added = 0  # weight put, by producers (paho's thread) only
+        self._taken = 0  # weight got, by the consumer only
         self._ready = threading.Event()
 
+    def weight(self) -> int:
+        """Weight held now (0 without WEIGH)."""
+        return self._added - self._taken
+
+    def _fits(self, items: list[T]) -> int:
+        """How many of ITEMS, from the first, fit under both bounds (counting their weight)."""
+        n = max(0, min(len(items), self._max - len(self._items)))
+        if self._max_weight is None or self._weigh is None or n == 0:
+            return n
+        free = self._max_weight - (self._added - self._taken)
+        weigh = self._weigh
+        added = 0
+        fit = 0
+        for item in items[:n]:
+            w = weigh(item)
+            # An empty inbox takes one message whatever it weighs: it must never starve.
+            if added + w > free and (fit or self._items):
+                break
+            added += w
+            fit += 1
+        self._added += added
+        return fit
+
     def put_nowait(self, item: T) -> None:
-        """Append ITEM, or raise queue.Full at the bound (never blocks)."""
-        if len(self._items) >= self._max:
+        """Append ITEM, or raise queue.Full at a bound (never blocks)."""
+        if not self._fits([item]):
             raise queue.Full
         self._items.append(item)
         if not self._ready.is_set():
@@ -35,43 +69,42 @@ class Inbox(Generic[T]):
     put = put_nowait
 
     def put_many(self, items: list[T]) -> list[T]:
-        """Append ITEMS up to the bound; return those that did not fit (never blocks)."""
-        room = self._max - len(self._items)
-        if room >= len(items):
+        """Append ITEMS up to the bounds; return those that did not fit (never blocks)."""
+        fit = self._fits(items)
+        if fit == len(items):
             self._items.extend(items)
             rest: list[T] = []
         else:
-            self._items.extend(items[: max(room, 0)])
-            rest = items[max(room, 0) :]
-        if not self._ready.is_set():
+            self._items.extend(items[:fit])
+            rest = items[fit:]
+        if fit and not self._ready.is_set():
             self._ready.set()
         return rest
 
+    def _took(self, items: list[T]) -> None:
+        if self._weigh is not None:
+            self._taken += sum(map(self._weigh, items))
+
     def get(self, timeout: float | None = None) -> T:
         """The oldest item; wait up to TIMEOUT for one, else raise queue.Empty. One consumer."""
-        try:
-            return self._items.popleft()
-        except IndexError:
-            pass
-        self._ready.clear()
-        # An item appended between the failed popleft and the clear did not set the event
-        # again; this second look finds it.
-        if self._items:
-            return self._items.popleft()
-        if not self._ready.wait(timeout):
+        items = self.get_many(1, timeout)
+        if not items:
             raise queue.Empty
-        return self._items.popleft()
+        return items[0]
 
     def get_many(self, limit: int, timeout: float | None = None) -> list[T]:
         """Up to LIMIT of the oldest items; wait up to TIMEOUT for one, else []. One consumer."""
         items = self._items
         if not items:
             self._ready.clear()
-            # As in get(): an item appended before the clear is found by this second look.
+            # An item appended between the failed look and the clear did not set the event
+            # again; this second look finds it.
             if not items and not self._ready.wait(timeout):
                 return []
         popleft = items.popleft
-        return [popleft() for _ in range(min(limit, len(items)))]
+        got = [popleft() for _ in range(min(limit, len(items)))]
+        self._took(got)
+        return got
 
     def qsize(self) -> int:
         """Items waiting."""

@@ -45,8 +45,14 @@ Token = tuple[int, int] | None
 Release = Callable[[list[tuple[int, int]]], None]
 
 _POLL_S = 0.1
+_ITEM_OVERHEAD = 128  # bytes counted per queued message besides its payload
 _RUN = 64  # messages the worker takes from its inbox at once
 _SETTLE_EVERY = 256  # messages; bounds how many a worker holds unacknowledged in a busy stream
+
+
+def _queued_bytes(item: tuple[str, bytes, float, Token]) -> int:
+    # The payload plus what holding it costs (its tuple, the bytes object's header), roughly.
+    return len(item[1]) + _ITEM_OVERHEAD
 
 
 class Pipeline:
@@ -83,7 +89,12 @@ class Pipeline:
         self._out_qos = config.output.qos
         self._out_retain = config.output.retain
         self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
-        self.inbox: Inbox[tuple[str, bytes, float, Token]] = Inbox(limits.inbox_size)
+        # The byte bound is for `ack: receipt` pipelines. A durable one keeps the count bound
+        # alone: with MQTT 5 its count is the broker's receive maximum, so the broker holds
+        # what the inbox cannot, and a byte bound would drop (and so lose) acknowledged input.
+        self.inbox: Inbox[tuple[str, bytes, float, Token]] = Inbox(
+            limits.inbox_size, None if self._durable else limits.inbox_bytes, _queued_bytes
+        )
         features = [f.name for f in self._spec.features]
         self._decoder = make_decoder(config.decoder, features)
         self._windower = Windower(self._spec.window, len(features), config.window)
