@@ -19,6 +19,11 @@ from typing import Any
 PATCHES: dict[str, str] = {
     "switch1ms": "P2: sys.setswitchinterval(0.001), GIL handed over after 1 ms, not 5",
     "sqlite256k": "P6: every SQLite connection with PRAGMA cache_size = -256 (256 KiB, not 2 MiB)",
+    "yield": "P8: the worker yields the GIL (time.sleep(0)) after handing a batch's predictions "
+    "to the publisher",
+    "chunk16k": "P9: the reader takes 16 KiB per recv, not 64 KiB (shorter GIL holds per read)",
+    "trace": "T: no change; times each outbox put, put -> read back by the flusher -> published, "
+    "and each publish call (written to /tmp/trace-PID at exit)",
 }
 """Every patch, by the name the command line takes."""
 
@@ -34,6 +39,85 @@ def _small_sqlite_cache() -> None:
     sqlite3.connect = connect_small  # type: ignore[assignment]
 
 
+def _yield_after_submit() -> None:
+    import time  # noqa: PLC0415
+
+    from edge.pipeline import Pipeline  # noqa: PLC0415
+
+    infer = Pipeline._infer
+
+    def infer_then_yield(self: Pipeline, batch: Any) -> None:
+        infer(self, batch)
+        time.sleep(0)  # the publisher was just woken: let it have the GIL now
+
+    Pipeline._infer = infer_then_yield  # type: ignore[method-assign]
+
+
+def _trace() -> None:
+    import atexit  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from edge.outbox import Outbox  # noqa: PLC0415
+    from edge.transport import MqttTransport  # noqa: PLC0415
+
+    put_at: dict[int, float] = {}
+    puts: list[float] = []
+    waits: list[float] = []
+    put_many, after = Outbox.put_many, Outbox.after
+    publish_tracked = MqttTransport.publish_tracked
+    read: list[float] = []  # put time of each row read back, in order
+    pubs: list[float] = []
+    pub_cost: list[float] = []
+
+    def traced_publish(self: MqttTransport, topic: str, payload: bytes, qos: int,
+                       retain: bool) -> Any:
+        t0 = time.monotonic()
+        mid = publish_tracked(self, topic, payload, qos, retain)
+        t1 = time.monotonic()
+        pub_cost.append(t1 - t0)
+        if qos and read:
+            pubs.append(t1 - read.pop(0))
+        return mid
+
+    def traced_put(self: Outbox, messages: Any) -> list[int]:
+        t0 = time.monotonic()
+        ids = put_many(self, messages)
+        t1 = time.monotonic()
+        puts.append(t1 - t0)
+        for i in ids:
+            put_at[i] = t1
+        return ids
+
+    def traced_after(self: Outbox, last_id: int, limit: int) -> Any:
+        rows = after(self, last_id, limit)
+        now = time.monotonic()
+        for r in rows:
+            t = put_at.pop(r.id, None)
+            if t is not None:
+                waits.append(now - t)
+                read.append(t)
+        return rows
+
+    def report() -> None:
+        def pct(v: list[float], q: float) -> float:
+            v = sorted(v)
+            return 1e3 * v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
+        with open(f"/tmp/trace-{os.getpid()}", "w") as f:  # noqa: PTH123
+            f.write(f"put n={len(puts)} p50={pct(puts, .5):.3f} p99={pct(puts, .99):.3f} ms\n")
+            f.write(f"put->after n={len(waits)} p50={pct(waits, .5):.3f} "
+                    f"p99={pct(waits, .99):.3f} ms\n")
+            f.write(f"put->published n={len(pubs)} p50={pct(pubs, .5):.3f} "
+                    f"p99={pct(pubs, .99):.3f} ms\n")
+            f.write(f"publish call n={len(pub_cost)} p50={pct(pub_cost, .5):.3f} "
+                    f"p99={pct(pub_cost, .99):.3f} ms\n")
+
+    Outbox.put_many = traced_put  # type: ignore[method-assign]
+    Outbox.after = traced_after  # type: ignore[method-assign]
+    MqttTransport.publish_tracked = traced_publish  # type: ignore[method-assign]
+    atexit.register(report)
+
+
 def apply(names: str) -> None:
     """Apply the comma-separated patches NAMES to this process."""
     for name in names.split(","):
@@ -41,6 +125,14 @@ def apply(names: str) -> None:
             sys.setswitchinterval(0.001)
         elif name == "sqlite256k":
             _small_sqlite_cache()
+        elif name == "trace":
+            _trace()
+        elif name == "yield":
+            _yield_after_submit()
+        elif name == "chunk16k":
+            import edge.mqtt_reader  # noqa: PLC0415
+
+            edge.mqtt_reader._CHUNK = 16384
         elif name != "none":
             raise SystemExit(f"unknown patch {name!r}; known: {', '.join(PATCHES)}, none")
 

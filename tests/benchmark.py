@@ -1628,6 +1628,9 @@ def experiments(
         ("none", "sample", False),
         ("switch1ms", "sample", False),
         ("sqlite256k", "sample", False),
+        ("yield", "sample", False),
+        ("chunk16k", "sample", False),
+        ("trace", "sample", False),
     ]
     try:
         for patches, kind, search_rate in runs:
@@ -1659,6 +1662,11 @@ def experiments(
                     found |= ceiling_ratios(search.sustained, results["ceilings"], "5", kind)
             finally:
                 target.stop()
+            trace = Path(f"/tmp/trace-{target.pid}")
+            if trace.is_file():
+                found["trace"] = trace.read_text().splitlines()
+                log("    " + "; ".join(found["trace"]))
+                trace.unlink()
             out["daemon"].append(found)
     finally:
         DAEMON_ENTRY = stock
