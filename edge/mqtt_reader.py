@@ -70,19 +70,13 @@ def split_publishes(
         qos = (header >> 1) & 3
         if header & 0xF0 != _PUBLISH or qos > 1:
             break
-        # Remaining length: a varint of up to 4 bytes.
-        i = pos + 1
-        length = 0
-        shift = 0
-        while True:
-            if i >= end or shift > 21:
-                return pos
-            byte = buf[i]
-            length |= (byte & 0x7F) << shift
-            i += 1
-            if byte < 0x80:
+        # Remaining length: a varint of up to 4 bytes, nearly always 1 or 2 here.
+        length = buf[pos + 1]
+        i = pos + 2
+        if length >= 0x80:
+            length, i = _varint(buf, pos + 1, end)
+            if i < 0:
                 break
-            shift += 7
         stop = i + length
         if stop > end or length < 2:
             break
@@ -106,24 +100,39 @@ def split_publishes(
             mid = (buf[i] << 8) | buf[i + 1]
             i += 2
         if v5:
-            # Property length (varint), then the properties, which are skipped.
-            plen = 0
-            shift = 0
-            while True:
-                if i >= stop or shift > 21:
-                    return pos
-                byte = buf[i]
-                plen |= (byte & 0x7F) << shift
-                i += 1
-                if byte < 0x80:
+            # Property length (a varint, nearly always the single byte 0), then the properties,
+            # which are skipped.
+            if i >= stop:
+                break
+            plen = buf[i]
+            i += 1
+            if plen >= 0x80:
+                plen, i = _varint(buf, i - 1, stop)
+                if i < 0:
                     break
-                shift += 7
             i += plen
             if i > stop:
                 break
         out.append((topic, buf[i:stop], mid, qos))
         pos = stop
     return pos
+
+
+def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
+    """MQTT's variable byte integer at BUF[i:end]: (value, index after it).
+
+    The index is -1 when the integer is cut off by END or longer than the 4 bytes allowed.
+    """
+    value = 0
+    for shift in (0, 7, 14, 21):
+        if i >= end:
+            return 0, -1
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            return value, i
+    return 0, -1
 
 
 class BufferedSocket:
