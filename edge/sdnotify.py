@@ -235,8 +235,6 @@ class WatchdogPinger:
             if self.is_healthy:  # once per unhealthy spell, not every period
                 log.exception("watchdog health check failed")
             ok = False
-        if ok and self._notifier.watchdog():
-            self.pings += 1
         if ok != self.is_healthy:
             if ok:
                 log.info("workers healthy again; watchdog pings resumed")
@@ -248,6 +246,9 @@ class WatchdogPinger:
                 )
         self.checks += 1  # before is_healthy: whoever sees the new state sees this check counted
         self.is_healthy = ok
+        # The state first, then the ping: whoever received this ping sees the state it reflects.
+        if ok and self._notifier.watchdog():
+            self.pings += 1
         return ok
 
     def _run(self) -> None:
