@@ -60,11 +60,8 @@ class PredictionEncoder:
             self._topics[asset] = topic
         return topic
 
-    def outputs(self, row: NDArray[np.float32]) -> dict[str, Any]:
-        """The task-specific part of a prediction."""
-        return self._outputs(row.tolist())
-
     def _outputs(self, values: list[float]) -> dict[str, Any]:
+        """The task-specific part of a prediction, from one output row."""
         if self._task is Task.CLASSIFICATION and self._labels:
             # The first maximum, or the first NaN, as np.argmax picks.
             best = next((i for i, v in enumerate(values) if v != v), None)  # noqa: PLR0124

@@ -39,8 +39,8 @@ class Inbox(Generic[T]):
         """Weight held now (0 without WEIGH)."""
         return self._added - self._taken
 
-    def _fits(self, items: list[T]) -> int:
-        """How many of ITEMS, from the first, fit under both bounds (counting their weight)."""
+    def _admit(self, items: list[T]) -> int:
+        """How many of ITEMS, from the first, fit under both bounds; counts their weight in."""
         n = max(0, min(len(items), self._max - len(self._items)))
         if self._max_weight is None or self._weigh is None or n == 0:
             return n
@@ -60,7 +60,7 @@ class Inbox(Generic[T]):
 
     def put_nowait(self, item: T) -> None:
         """Append ITEM, or raise queue.Full at a bound (never blocks)."""
-        if not self._fits([item]):
+        if not self._admit([item]):
             raise queue.Full
         self._items.append(item)
         if not self._ready.is_set():
@@ -70,7 +70,7 @@ class Inbox(Generic[T]):
 
     def put_many(self, items: list[T]) -> list[T]:
         """Append ITEMS up to the bounds; return those that did not fit (never blocks)."""
-        fit = self._fits(items)
+        fit = self._admit(items)
         if fit == len(items):
             self._items.extend(items)
             rest: list[T] = []

@@ -224,13 +224,15 @@ class Outbox:
             return out
 
     def _from_tail(self, last_id: int, limit: int) -> list[OutMessage]:
-        out: list[OutMessage] = []
-        for message_id, message in self._tail.items():  # at most _TAIL_MAX, mostly in flight
-            if message_id > last_id:
-                out.append(message)
-                if len(out) == limit:
-                    break
-        return out
+        # From the newest back to LAST_ID: the flusher asks for what follows its cursor, so this
+        # walks only the rows it has not published yet, not the ones in flight before them.
+        newer: list[OutMessage] = []
+        for message_id, message in reversed(self._tail.items()):
+            if message_id <= last_id:
+                break
+            newer.append(message)
+        newer.reverse()
+        return newer[:limit]
 
     def _tail_reset(self) -> None:
         """Rows were deleted wholesale (trim, expiry): cover only ids from here on."""

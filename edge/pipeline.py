@@ -15,7 +15,6 @@ order. Releases therefore lag by at most ``max_wait_ms`` plus one inference.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -146,13 +145,7 @@ class Pipeline:
 
     def offer(self, topic: str, payload: bytes, received: float, token: Token) -> None:
         """Enqueue a message; when the inbox is full, drop it and count (never block paho)."""
-        self.counters["received"] += 1
-        try:
-            self.inbox.put_nowait((topic, payload, received, token))
-        except queue.Full:
-            self.counters["dropped_inbox_full"] += 1
-            if token is not None and self._release is not None:
-                self._release([token])  # dropped by policy: holding it would stall the stream
+        self.offer_many([(topic, payload, received, token)])
 
     def offer_many(self, items: list[tuple[str, bytes, float, Token]]) -> None:
         """Enqueue ITEMS in order; those the inbox cannot hold are dropped and counted."""
