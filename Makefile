@@ -18,7 +18,7 @@ bootstrap:
 
 check: bootstrap
 	$(VENV)/bin/ruff check edge converter tests scripts
-	$(VENV)/bin/mypy
+	scripts/typecheck
 
 test: check
 	$(PY) -m pytest
@@ -31,7 +31,7 @@ demo:
 	.venv-edge/bin/floorline demo $(ARGS)
 
 example-bundle: bootstrap
-	$(PY) -m converter.examples.pdm --out edge/models/pdm-classifier
+	$(PY) -m floorline.converter.examples.pdm --out edge/models/pdm-classifier
 
 clean:
 	rm -rf .venv .venv-edge .venv-tflite .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,10 +1,11 @@
 """Floorline's workstation side: Keras/TensorFlow models to verified, signed bundles.
 
-TensorFlow is imported only by the commands that convert (``converter.tensorflow_import``);
+TensorFlow is imported only by the commands that convert
+(``floorline.converter.tensorflow_import``);
 ``inspect``, ``bench`` and ``keygen`` run without it.
 """
 
-from converter.errors import (
+from floorline.converter.errors import (
     CalibrationDataError,
     ConversionError,
     ExportError,

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge import selftest, text_table
-from edge.backends import BackendOptions
-from edge.bundle import Bundle
+from floorline.edge.backends import BackendOptions
+from floorline.edge.bundle import selftest
+from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.cli import table as text_table
 
 DEFAULT_BATCHES = (1, 8, 32)
 

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from converter.errors import ModelCardError
-from edge.manifest import Feature, InputSpec, Normalization, OutputSpec, Task
+from floorline.converter.errors import ModelCardError
+from floorline.edge.bundle.manifest import Feature, InputSpec, Normalization, OutputSpec, Task
 
 
 class ModelCard(BaseModel):

@@ -13,11 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from edge import __version__
-from edge.errors import FloorlineError
-from edge.signing import generate_keypair, load_private_key, load_public_key
+from floorline.edge import __version__
+from floorline.edge.bundle.signing import generate_keypair, load_private_key, load_public_key
+from floorline.edge.errors import FloorlineError
 
-log = logging.getLogger("converter")
+log = logging.getLogger("floorline.converter")
 
 
 def _csv(value: str) -> list[str]:
@@ -129,9 +129,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_keras(args: argparse.Namespace) -> int:
     # TensorFlow is imported here, not at module import, so inspect/bench work without it.
-    from converter.card import load_card  # noqa: PLC0415
-    from converter.convert import TARGETS, ConvertRequest, convert  # noqa: PLC0415
-    from converter.parity import ParityPolicy  # noqa: PLC0415
+    from floorline.converter.card import load_card  # noqa: PLC0415
+    from floorline.converter.convert import TARGETS, ConvertRequest, convert  # noqa: PLC0415
+    from floorline.converter.parity import ParityPolicy  # noqa: PLC0415
 
     normalization = None
     if args.norm_mean is not None or args.norm_std is not None:
@@ -181,8 +181,8 @@ def _cmd_keras(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
 
-    from edge.bundle import Bundle  # noqa: PLC0415
-    from edge.bundle_report import describe  # noqa: PLC0415
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.bundle.report import describe  # noqa: PLC0415
 
     trusted = [load_public_key(p) for p in args.trust or []]
     with Bundle.open(
@@ -196,8 +196,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from converter.bench import bench, format_rows  # noqa: PLC0415
-    from edge.bundle import Bundle  # noqa: PLC0415
+    from floorline.converter.bench import bench, format_rows  # noqa: PLC0415
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
 
     try:
         batches = tuple(int(b) for b in args.batches)
@@ -211,7 +211,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from edge.signing import key_id, load_public_key  # noqa: PLC0415
+    from floorline.edge.bundle.signing import key_id, load_public_key  # noqa: PLC0415
 
     private, public = generate_keypair(args.prefix)
     print(f"wrote {private} (keep secret) and {public} (key id {key_id(load_public_key(public))})")

@@ -1,7 +1,8 @@
 """One conversion, start to finish: source → artifacts → parity → golden → signed bundle.
 
 Nothing lands at the output path unless every artifact passed parity: all work happens in a
-staging directory beside it, renamed into place at the end (``edge.bundle.commit``). The finished
+staging directory beside it, renamed into place at the end
+(``floorline.edge.bundle.bundle.commit``). The finished
 bundle is then opened and self-tested exactly as a gateway would, as the last check.
 """
 
@@ -18,19 +19,27 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
-from converter import data
-from converter.card import ModelCard, build_specs
-from converter.errors import CalibrationDataError, ConversionError, ParityError
-from converter.onnx_export import DEFAULT_OPSET, export_onnx
-from converter.parity import ParityPolicy, check_artifact, format_table, selftest_atol
-from converter.parity import tolerance_for as parity_tolerance
-from converter.source import SourceModel, load_source
-from converter.tflite_export import IntegerIO, export_tflite
-from edge import __version__, selftest
-from edge.archive import pack
-from edge.bundle import GOLDEN_FILE, Bundle, Golden, commit, describe_artifact, staging_dir
-from edge.hashing import sha256_file
-from edge.manifest import (
+from floorline.converter import data
+from floorline.converter.card import ModelCard, build_specs
+from floorline.converter.errors import CalibrationDataError, ConversionError, ParityError
+from floorline.converter.onnx_export import DEFAULT_OPSET, export_onnx
+from floorline.converter.parity import ParityPolicy, check_artifact, format_table, selftest_atol
+from floorline.converter.parity import tolerance_for as parity_tolerance
+from floorline.converter.source import SourceModel, load_source
+from floorline.converter.tflite_export import IntegerIO, export_tflite
+from floorline.edge import __version__
+from floorline.edge.bundle import selftest
+from floorline.edge.bundle.archive import pack
+from floorline.edge.bundle.bundle import (
+    GOLDEN_FILE,
+    Bundle,
+    Golden,
+    commit,
+    describe_artifact,
+    staging_dir,
+)
+from floorline.edge.bundle.hashing import sha256_file
+from floorline.edge.bundle.manifest import (
     SCHEMA_VERSION,
     Artifact,
     ArtifactFormat,

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from converter.errors import CalibrationDataError
-from edge.manifest import InputSpec
-from edge.normalization import normalize
+from floorline.converter.errors import CalibrationDataError
+from floorline.edge.bundle.manifest import InputSpec
+from floorline.edge.stream.normalization import normalize
 
 
 def _read(path: Path, origin: str) -> NDArray[np.generic]:

@@ -1,6 +1,6 @@
 """Every error the converter raises on purpose, in one tree.
 
-    ConversionError (edge.errors.FloorlineError)
+    ConversionError (floorline.edge.errors.FloorlineError)
     ├── SourceModelError      the model file is missing, unreadable, or not a single-input model
     ├── ModelCardError        the metadata (model card or flags) is incomplete or inconsistent
     ├── UnsupportedOpError    TFLite cannot express some ops of the model (names them)
@@ -13,7 +13,7 @@ The CLI prints the message of any of these and exits 1; no bundle is written.
 
 from __future__ import annotations
 
-from edge.errors import FloorlineError
+from floorline.edge.errors import FloorlineError
 
 
 class ConversionError(FloorlineError):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from converter.errors import ExportError
-from converter.native_output import captured
-from converter.source import SourceModel
-from converter.tensorflow_import import import_tensorflow
+from floorline.converter.errors import ExportError
+from floorline.converter.native_output import captured
+from floorline.converter.source import SourceModel
+from floorline.converter.tensorflow_import import import_tensorflow
 
 DEFAULT_OPSET = 17
 

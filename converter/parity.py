@@ -17,10 +17,17 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from converter.progress import Progress
-from edge import backends, text_table
-from edge.backends import Backend
-from edge.manifest import ArtifactFormat, ParityReport, Quantization, Task, Tolerance
+from floorline.converter.progress import Progress
+from floorline.edge import backends
+from floorline.edge.backends import Backend
+from floorline.edge.bundle.manifest import (
+    ArtifactFormat,
+    ParityReport,
+    Quantization,
+    Task,
+    Tolerance,
+)
+from floorline.edge.cli import table as text_table
 
 _BATCH = 64
 _RANGE_FRACTION = 0.05

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from converter.errors import SourceModelError
-from converter.native_output import captured
-from converter.tensorflow_import import import_tensorflow
-from edge.hashing import sha256_bytes, sha256_file
-from edge.manifest import SourceFormat
+from floorline.converter.errors import SourceModelError
+from floorline.converter.native_output import captured
+from floorline.converter.tensorflow_import import import_tensorflow
+from floorline.edge.bundle.hashing import sha256_bytes, sha256_file
+from floorline.edge.bundle.manifest import SourceFormat
 
 _PREDICT_BATCH = 256
 

@@ -14,12 +14,12 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from converter.errors import ExportError, UnsupportedOpError
-from converter.native_output import captured
-from converter.progress import Progress
-from converter.source import SourceModel
-from converter.tensorflow_import import import_tensorflow
-from edge.manifest import Quantization
+from floorline.converter.errors import ExportError, UnsupportedOpError
+from floorline.converter.native_output import captured
+from floorline.converter.progress import Progress
+from floorline.converter.source import SourceModel
+from floorline.converter.tensorflow_import import import_tensorflow
+from floorline.edge.bundle.manifest import Quantization
 
 IntegerIO = Literal["int8", "uint8", "float32"]
 

@@ -1,7 +1,8 @@
 """Floorline's gateway side: bundles, runtimes and the MQTT daemon. Never imports TensorFlow."""
 
-from edge.bundle import Bundle, Golden
-from edge.errors import (
+from floorline.edge.bundle.bundle import Bundle, Golden
+from floorline.edge.bundle.manifest import Manifest
+from floorline.edge.errors import (
     BackendError,
     BundleError,
     ConfigError,
@@ -13,7 +14,6 @@ from edge.errors import (
     SignatureError,
     UnsafeArchiveError,
 )
-from edge.manifest import Manifest
 
 __version__ = "0.1.0"
 

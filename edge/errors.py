@@ -63,7 +63,8 @@ class SelfTestError(FloorlineError):
 class DecodeError(FloorlineError):
     """A sensor message that cannot become samples.
 
-    ``reason`` is a short code from a fixed set (see ``edge.decode.REASONS``) so dead-letter
+    ``reason`` is a short code from a fixed set (see ``floorline.edge.decoders.base.REASONS``) so
+    dead-letter
     messages and metrics have bounded cardinality; ``detail`` is for humans and may be truncated.
     """
 

@@ -42,7 +42,7 @@ def _small_sqlite_cache() -> None:
 def _yield_after_submit() -> None:
     import time  # noqa: PLC0415
 
-    from edge.pipeline import Pipeline  # noqa: PLC0415
+    from floorline.edge.daemon.pipeline import Pipeline  # noqa: PLC0415
 
     infer = Pipeline._infer
 
@@ -58,8 +58,8 @@ def _trace() -> None:
     import os  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from edge.outbox import Outbox  # noqa: PLC0415
-    from edge.transport import MqttTransport  # noqa: PLC0415
+    from floorline.edge.delivery.outbox import Outbox  # noqa: PLC0415
+    from floorline.edge.mqtt.transport import MqttTransport  # noqa: PLC0415
 
     put_at: dict[int, float] = {}
     puts: list[float] = []
@@ -130,9 +130,9 @@ def apply(names: str) -> None:
         elif name == "yield":
             _yield_after_submit()
         elif name == "chunk16k":
-            import edge.mqtt_reader  # noqa: PLC0415
+            import floorline.edge.mqtt.reader  # noqa: PLC0415
 
-            edge.mqtt_reader._CHUNK = 16384
+            floorline.edge.mqtt.reader._CHUNK = 16384
         elif name != "none":
             raise SystemExit(f"unknown patch {name!r}; known: {', '.join(PATCHES)}, none")
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         raise SystemExit("usage: python -m tests.bench_patches PATCH[,PATCH...] run --config FILE")
     apply(args[0])
-    from edge.cli import main as floorline  # noqa: PLC0415 - after the patches
+    from floorline.edge.cli.main import main as floorline  # noqa: PLC0415 - after the patches
 
     return floorline(args[1:])
 

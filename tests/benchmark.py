@@ -8,7 +8,8 @@ system broker) and measures, on the committed example bundle ``edge/models/pdm-c
 
 1. ceilings: a bare paho subscriber that only counts (MQTT 3.1.1 and 5), a paho echo client that
    publishes one prediction-sized message per message (both protocols, binary and JSON block
-   feeds), the same two receiving with floorline's own reader (``edge.mqtt_reader``, what the
+   feeds), the same two receiving with floorline's own reader (``floorline.edge.mqtt.reader``, what
+   the
    daemon receives with), and the raw LiteRT backend at batch 1 and 32 (and 18, and
    alternating 32/18);
 2. ``floorline run`` (its own process) on a per-sample JSON stream of 50 assets: the highest rate
@@ -85,7 +86,7 @@ import paho.mqtt.client as mqtt
 from numpy.typing import NDArray
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.mqtt_reader import BufferedClient, Publish
+from floorline.edge.mqtt.reader import BufferedClient, Publish
 from tests.bench_patches import PATCHES
 from tests.mqtt_broker import HOST, Mosquitto
 
@@ -98,7 +99,8 @@ Protocol = Literal["3.1.1", "5"]
 Kind = Literal["sample", "binary", "json_block"]
 Reader = Literal["paho", "floorline"]
 """How a ceiling's client receives: stock paho (``on_message`` per message), or floorline's own
-reader (``edge.mqtt_reader.BufferedClient``, the daemon's: PUBLISH runs to ``on_publishes``)."""
+reader (``floorline.edge.mqtt.reader.BufferedClient``, the daemon's: PUBLISH runs to
+``on_publishes``)."""
 PROTOCOLS: tuple[Protocol, ...] = ("3.1.1", "5")
 READERS: tuple[Reader, ...] = ("paho", "floorline")
 CEILING_KEYS: dict[Reader, tuple[str, str]] = {
@@ -279,7 +281,7 @@ class StreamSpec:
         return window * self.assets + asset
 
 
-DAEMON_ENTRY = ["-m", "edge.cli"]
+DAEMON_ENTRY = ["-m", "floorline.edge"]
 """How the daemon is started (the ``floorline`` console script's module)."""
 
 MIN_ROUNDS = 3
@@ -298,7 +300,7 @@ def samples_per_asset(rate: float, duration: float, assets: int) -> int:
 
 def stream_messages(spec: StreamSpec) -> list[tuple[str, bytes]]:
     """SPEC's (topic, payload) messages in sending order."""
-    from edge.signals import AssetParams, AssetSignal  # noqa: PLC0415 - numpy only, but heavy
+    from floorline.edge.demo.signals import AssetParams, AssetSignal  # noqa: PLC0415 - numpy only, but heavy
 
     rng = np.random.default_rng(spec.seed)
     per_msg = 1 if spec.kind == "sample" else WINDOW
@@ -497,7 +499,8 @@ def counter_main(
     A burst is measured from "arm" to "finish" (sent when the blast ends): the subscriber is
     flooded all along, so its rate is its capacity. Whatever the broker still queues for it is
     never waited for: the next measurement uses a new client, and this one's queue goes with it.
-    READER ``floorline`` receives with the daemon's own reader (``edge.mqtt_reader``), counting
+    READER ``floorline`` receives with the daemon's own reader (``floorline.edge.mqtt.reader``),
+    counting
     each PUBLISH run by its length.
     """
     count = 0
@@ -536,7 +539,7 @@ def echo_main(
     the in-flight window closes (measured: ~200 echoes/s on MQTT 5), which says nothing about
     its capacity. The daemon publishes predictions at QoS 1, through its outbox, and that cost
     is part of what its ratio to this ceiling shows. READER ``floorline`` receives with the
-    daemon's own reader (``edge.mqtt_reader``); it publishes through paho all the same.
+    daemon's own reader (``floorline.edge.mqtt.reader``); it publishes through paho all the same.
     """
     received = 0
     client = _paho_client(protocol, "bench-echo", reader=reader)
@@ -756,8 +759,8 @@ class Target:
 
 def stats_supported() -> bool:
     """Whether this daemon's config takes ``metrics.stats_interval_s`` (the JSON stats topic)."""
-    from edge.config import parse_config  # noqa: PLC0415
-    from edge.errors import ConfigError  # noqa: PLC0415
+    from floorline.edge.config.model import parse_config  # noqa: PLC0415
+    from floorline.edge.errors import ConfigError  # noqa: PLC0415
 
     text = (
         "gateway: {id: probe}\nmetrics: {stats_interval_s: 1}\npipelines:\n"
@@ -1230,7 +1233,8 @@ def measure_bare(bench: Bench, protocol: Protocol, *, reader: Reader = "paho") -
     """Ceiling (a): a subscriber that only counts, under a blast of per-sample messages.
 
     READER ``paho``: stock paho, the ceiling the goals are set against; ``floorline``: the
-    daemon's own reader (``edge.mqtt_reader.BufferedClient``), which the daemon can approach.
+    daemon's own reader (``floorline.edge.mqtt.reader.BufferedClient``), which the daemon can
+    approach.
     """
     counter = Worker(counter_main, bench.port, protocol, FEED_FILTERS["sample"], reader)
     try:
@@ -1259,12 +1263,12 @@ def measure_echo(
 
 
 def measure_backend(seconds: float) -> dict[str, Any]:
-    """Ceiling (c): ``edge.backends.create("litert", ...).infer`` in a loop, windows per second.
+    """Ceiling (c): ``backends.create("litert", ...).infer`` in a loop, windows per second.
 
     Also with the batch size alternating 32/18, the pattern 50 assets with windows falling due
     together give the time-bounded batcher: the backend reallocates its tensors on every change.
     """
-    from edge.backends import create  # noqa: PLC0415 - imports the runtime
+    from floorline.edge.backends import create  # noqa: PLC0415 - imports the runtime
 
     backend = create("litert", EXAMPLE / "model.tflite")
     rng = np.random.default_rng(0)
@@ -1376,10 +1380,11 @@ def measure_naive(bench: Bench, ceiling: float, log: Callable[[str], None]) -> d
     """The naive script on the per-sample stream (MQTT 3.1.1, paho's default), searched alike."""
     if not KERAS_MODEL.is_file():
         # No training at benchmark time except this once: the example's own script makes it.
-        log(f"  {KERAS_MODEL} missing: running python -m converter.examples.pdm once (~15 s)")
+        log(f"  {KERAS_MODEL} missing: running python -m floorline.converter.examples.pdm "
+            "once (~15 s)")
         scratch = bench.work / "pdm-bundle"
         subprocess.run(
-            [sys.executable, "-m", "converter.examples.pdm", "--out", str(scratch),
+            [sys.executable, "-m", "floorline.converter.examples.pdm", "--out", str(scratch),
              "--work", str(KERAS_MODEL.parent)],
             cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600,
         )
@@ -1525,8 +1530,8 @@ def pipeline_in_process(work: Path, kind: Kind, messages: int = 20000) -> dict[s
     import cProfile  # noqa: PLC0415
     import pstats  # noqa: PLC0415
 
-    from edge.config import parse_config  # noqa: PLC0415
-    from edge.daemon import Daemon  # noqa: PLC0415
+    from floorline.edge.config.model import parse_config  # noqa: PLC0415
+    from floorline.edge.daemon.daemon import Daemon  # noqa: PLC0415
 
     config = parse_config(
         f"gateway: {{id: inproc}}\nstate_dir: '{work / ('inproc-' + kind)}'\npipelines:\n"
@@ -1589,12 +1594,13 @@ def memory_by_import() -> list[tuple[str, float]]:
         "for name in sys.argv[1:]:\n"
         "    __import__(name); print(name, rss())\n"
         "from pathlib import Path\n"
-        "from edge.backends import create\n"
+        "from floorline.edge.backends import create\n"
         f"b = create('litert', Path({str(EXAMPLE / 'model.tflite')!r}))\n"
         "print('model loaded', rss())\n"
     )
-    modules = ["numpy", "orjson", "yaml", "pydantic", "paho.mqtt.client", "sqlite3", "edge",
-               "edge.config", "edge.daemon", "edge.service", "edge.cli",
+    modules = ["numpy", "orjson", "yaml", "pydantic", "paho.mqtt.client", "sqlite3",
+               "floorline.edge", "floorline.edge.config.model", "floorline.edge.daemon.daemon",
+               "floorline.edge.service.run", "floorline.edge.cli.main",
                "ai_edge_litert.interpreter"]
     out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
                          cwd=ROOT, check=True, timeout=60).stdout
@@ -1612,7 +1618,8 @@ def experiments(
     does not, so memory figures compare too. An experiment that searches the sustained rate does
     so up to the same bound as the unpatched daemon (``search_bound``); for the per-sample stream
     each measures latency at the unpatched latency step's rate, so each pair of figures differs
-    in the patch only. (P1, the buffered socket, is no longer a patch: ``edge.mqtt_reader`` is
+    in the patch only. (P1, the buffered socket, is no longer a patch:
+    ``floorline.edge.mqtt.reader`` is
     the daemon's reader now, and the run's floorline-reader ceilings measure it bare.)
     """
     global DAEMON_ENTRY  # noqa: PLW0603 - the experiments start the daemon differently

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.bundle import GOLDEN_FILE, Golden, commit, describe_artifact, staging_dir
-from edge.hashing import sha256_file
-from edge.manifest import SCHEMA_VERSION, Manifest
+from floorline.edge.bundle.bundle import GOLDEN_FILE, Golden, commit, describe_artifact, staging_dir
+from floorline.edge.bundle.hashing import sha256_file
+from floorline.edge.bundle.manifest import SCHEMA_VERSION, Manifest
 
 ARTIFACT_FILE = "model.tflite"
 LABELS = ["ok", "bad"]

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edge.config import Config, parse_config
-from edge.daemon import Daemon
-from edge.signals import AssetParams, AssetSignal, Condition
+from floorline.edge.config.model import Config, parse_config
+from floorline.edge.daemon.daemon import Daemon
+from floorline.edge.demo.signals import AssetParams, AssetSignal, Condition
 from tests.mqtt_broker import Mosquitto, MqttProbe, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,11 +19,13 @@ import threading
 import time
 from pathlib import Path
 
-from edge.config import BrokerConfig
-from edge.simulator import PlantConfig, PlantSimulator
-from edge.transport import MqttTransport
+from floorline.edge.config.model import BrokerConfig
+from floorline.edge.demo.simulator import PlantConfig, PlantSimulator
+from floorline.edge.mqtt.transport import MqttTransport
 from tests.daemon_harness import EXAMPLE
 from tests.mqtt_broker import Mosquitto, wait_until
+
+FLOORLINE = [sys.executable, "-m", "floorline.edge"]
 
 
 def rss_mb(pid: int) -> float:
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "    window: {hop: 32, max_gap_s: 0.05}\n"
         "    output: {qos: 1}\n"
     )
-    daemon = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+    daemon = subprocess.Popen([*FLOORLINE, "run", "--config", str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pub = MqttTransport(BrokerConfig(host="127.0.0.1", port=broker.port), "soak-plant",
                         lambda *_: None, [])

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.archive import ArchiveLimits, pack, unpack
-from edge.errors import BundleError, UnsafeArchiveError
+from floorline.edge.bundle.archive import ArchiveLimits, pack, unpack
+from floorline.edge.errors import BundleError, UnsafeArchiveError
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 

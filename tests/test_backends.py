@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import selftest
-from edge.backends import BackendOptions, create
-from edge.bundle import Bundle, Golden
-from edge.errors import BackendError, RuntimeMissingError, SelfTestError
+from floorline.edge.backends import BackendOptions, create
+from floorline.edge.bundle import selftest
+from floorline.edge.bundle.bundle import Bundle, Golden
+from floorline.edge.errors import BackendError, RuntimeMissingError, SelfTestError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "edge" / "models" / "pdm-classifier"
 

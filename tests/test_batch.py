@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge.batch import BatchConfig, Batcher
+from floorline.edge.stream.batch import BatchConfig, Batcher
 
 
 class FakeClock:

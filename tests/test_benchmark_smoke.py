@@ -37,7 +37,8 @@ def _numbers(node: Any, path: str = "") -> list[tuple[str, float]]:
 
 
 @pytest.mark.skipif(not KERAS_MODEL.is_file(), reason="the naive way needs .work/pdm/pdm.keras "
-                    "(python -m converter.examples.pdm makes it; the smoke test does not train)")
+                    "(python -m floorline.converter.examples.pdm makes it; the smoke test does "
+                    "not train)")
 def test_tiny_benchmark_writes_every_section_with_sane_numbers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge import archive
-from edge.bundle import (
+from floorline.edge.bundle import archive
+from floorline.edge.bundle.bundle import (
     GOLDEN_FILE,
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -22,10 +22,10 @@ from edge.bundle import (
     commit,
     staging_dir,
 )
-from edge.errors import BundleError, IntegrityError, ManifestError, SignatureError
-from edge.hashing import sha256_bytes
-from edge.manifest import Manifest
-from edge.signing import key_id
+from floorline.edge.bundle.hashing import sha256_bytes
+from floorline.edge.bundle.manifest import Manifest
+from floorline.edge.bundle.signing import key_id
+from floorline.edge.errors import BundleError, IntegrityError, ManifestError, SignatureError
 from tests.bundle_factory import (
     ARTIFACT_FILE,
     LABELS,

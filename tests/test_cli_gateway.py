@@ -13,12 +13,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edge.cli import main as floorline
-from edge.config import Config
+from floorline.edge.cli.main import main as floorline
+from floorline.edge.config.model import Config
 from tests.daemon_harness import EXAMPLE, config_text, vibration_pipeline
 from tests.mqtt_broker import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+
+FLOORLINE = [sys.executable, "-m", "floorline.edge"]
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -29,7 +31,7 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 def spawn_run(config: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        [*FLOORLINE, "run", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -129,7 +131,7 @@ def test_example_configs_validate_and_self_test(name, capsys):
 
 def test_demo_against_a_broker_shows_faults_in_predictions(mosquitto):
     out = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "demo", "--duration", "8", "--assets", "3",
+        [*FLOORLINE, "demo", "--duration", "8", "--assets", "3",
          "--host", "127.0.0.1", "--port", str(mosquitto.port),
          "--fault", "pump-02=imbalance@0"],
         capture_output=True, text=True, timeout=90, check=False,
@@ -147,7 +149,7 @@ def test_demo_against_a_broker_shows_faults_in_predictions(mosquitto):
 def test_demo_starts_an_embedded_broker_when_none_answers():
     port = free_port()  # nothing listens here
     out = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "demo", "--duration", "5", "--assets", "2",
+        [*FLOORLINE, "demo", "--duration", "5", "--assets", "2",
          "--host", "127.0.0.1", "--port", str(port)],
         capture_output=True, text=True, timeout=90, check=False,
     )
@@ -162,7 +164,7 @@ def test_simulate_publishes_to_a_broker(mosquitto, mqtt_client):
     probe = mqtt_client(mosquitto)
     probe.subscribe("plant/#", qos=0)
     out = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "simulate", "--broker", f"127.0.0.1:{mosquitto.port}",
+        [*FLOORLINE, "simulate", "--broker", f"127.0.0.1:{mosquitto.port}",
          "--assets", "2", "--rate", "100", "--duration", "1.5", "--mode", "block",
          "--format", "binary", "--block", "50"],
         capture_output=True, text=True, timeout=60, check=False, env={**os.environ},

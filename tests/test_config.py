@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import load_config, parse_config
-from edge.errors import ConfigError
+from floorline.edge.config.model import load_config, parse_config
+from floorline.edge.errors import ConfigError
 
 PIPELINE = """
 pipelines:

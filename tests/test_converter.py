@@ -9,23 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter.card import ModelCard
-from converter.cli import main as convert_main
-from converter.convert import TARGETS, ConvertRequest, convert
-from converter.errors import (
+from floorline.converter.card import ModelCard
+from floorline.converter.cli import main as convert_main
+from floorline.converter.convert import TARGETS, ConvertRequest, convert
+from floorline.converter.errors import (
     CalibrationDataError,
     ModelCardError,
     ParityError,
     SourceModelError,
     UnsupportedOpError,
 )
-from converter.parity import ParityPolicy, check_artifact
-from edge import selftest
-from edge.backends import create
-from edge.bundle import Bundle
-from edge.errors import IntegrityError
-from edge.manifest import Task, Tolerance
-from edge.signing import generate_keypair, load_private_key, load_public_key
+from floorline.converter.parity import ParityPolicy, check_artifact
+from floorline.edge.backends import create
+from floorline.edge.bundle import selftest
+from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.bundle.manifest import Task, Tolerance
+from floorline.edge.bundle.signing import generate_keypair, load_private_key, load_public_key
+from floorline.edge.errors import IntegrityError
 from tests import tf_models
 
 pytestmark = pytest.mark.tensorflow
@@ -95,7 +95,7 @@ def test_conv1d_classifier_round_trips_to_every_target(models, tmp_path):
         assert files["model.onnx"].opset == 17
         # Fresh inputs, not the parity set: the artifacts must agree with Keras in general.
         fresh, _ = tf_models.conv_data(64, seed=1234)
-        from edge.normalization import normalize  # noqa: PLC0415
+        from floorline.edge.stream.normalization import normalize  # noqa: PLC0415
 
         x = normalize(fresh, bundle.manifest.input)
         expected = keras_predict(conv.path, x)
@@ -216,7 +216,7 @@ def test_parity_detects_a_corrupted_onnx_artifact(models, tmp_path):
 
 
 def test_failed_parity_fails_the_conversion_and_writes_nothing(models, tmp_path, monkeypatch):
-    import converter.convert as conv_mod  # noqa: PLC0415
+    import floorline.converter.convert as conv_mod  # noqa: PLC0415
 
     real_export = conv_mod.export_tflite
 
@@ -404,7 +404,7 @@ def test_cli_converts_inspects_benches_and_refuses_overwrite(models, tmp_path, c
 
 @pytest.mark.slow
 def test_example_model_trains_and_converts_to_every_target_within_bounds(tmp_path, capsys):
-    from converter.examples.pdm import main as example_main  # noqa: PLC0415
+    from floorline.converter.examples.pdm import main as example_main  # noqa: PLC0415
 
     out = tmp_path / "pdm"
     argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--targets", "all"]

@@ -8,10 +8,10 @@ import numpy as np
 import orjson
 import pytest
 
-from edge.backends import create
-from edge.bundle import Bundle
-from edge.normalization import normalize
-from edge.signals import Condition
+from floorline.edge.backends import create
+from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.demo.signals import Condition
+from floorline.edge.stream.normalization import normalize
 from tests.daemon_harness import (
     EXAMPLE,
     TEMP_ANOMALY,

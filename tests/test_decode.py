@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from edge import decode as decode_module
-from edge import window as window_module
-from edge.decode import (
+from floorline.edge.decoders import base as decode_module
+from floorline.edge.stream import window as window_module
+from floorline.edge.decoders.base import (
     REASONS,
     BinaryDecoder,
     BinaryDecoderConfig,
@@ -29,7 +29,7 @@ from edge.decode import (
     check_asset,
     make_decoder,
 )
-from edge.errors import ConfigError, DecodeError
+from floorline.edge.errors import ConfigError, DecodeError
 
 FEATURES = ["ax", "ay", "az"]
 

@@ -9,10 +9,10 @@ import numpy as np
 import orjson
 import pytest
 
-from edge.bundle import Bundle
-from edge.encode import PredictionEncoder
-from edge.manifest import Task
-from edge.window import Window
+from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.bundle.manifest import Task
+from floorline.edge.stream.encode import PredictionEncoder
+from floorline.edge.stream.window import Window
 from tests.daemon_harness import EXAMPLE
 
 

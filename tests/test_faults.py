@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pytest
 
-from edge.config import parse_config
+from floorline.edge.config.model import parse_config
 from tests.daemon_harness import (
     EXAMPLE,
     Collector,
@@ -36,6 +36,8 @@ from tests.mqtt_broker import wait_until
 from tests.test_daemon import expected_outputs
 
 DURABLE_BROKER = "clean_start: false, session_expiry_s: 3600, keepalive: 5"
+
+FLOORLINE = [sys.executable, "-m", "floorline.edge"]
 
 
 def durable_config(broker, prefix: str, state_dir: Path, *, blocks: bool, client_id: str) -> str:
@@ -110,7 +112,7 @@ def test_broker_killed_ten_times_loses_and_duplicates_no_window(mosquitto, uniqu
 
 
 def run_daemon_process(config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+    return subprocess.Popen([*FLOORLINE, "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import orjson
 import pytest
 
-from edge.bundle import GOLDEN_FILE, MANIFEST_FILE, SIGNATURE_FILE
-from edge.config import BrokerConfig
-from edge.envelope import seal
-from edge.fleet_cli import push, status
-from edge.hashing import sha256_file
-from edge.manifest import Manifest
-from edge.service import Service
-from edge.signing import generate_keypair, load_private_key, sign
+from floorline.edge.bundle.bundle import GOLDEN_FILE, MANIFEST_FILE, SIGNATURE_FILE
+from floorline.edge.bundle.hashing import sha256_file
+from floorline.edge.bundle.manifest import Manifest
+from floorline.edge.bundle.signing import generate_keypair, load_private_key, sign
+from floorline.edge.config.model import BrokerConfig
+from floorline.edge.fleet.envelope import seal
+from floorline.edge.fleet.operator import push, status
+from floorline.edge.service.run import Service
 from tests.daemon_harness import EXAMPLE, asset_samples, sample_payload
 from tests.mqtt_broker import wait_until
 

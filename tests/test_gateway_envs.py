@@ -34,7 +34,7 @@ def _run(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _floorline(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run(python, "-m", "edge.cli", *args)
+    return _run(python, "-m", "floorline.edge", *args)
 
 
 def test_edge_environment_has_no_tensorflow():
@@ -60,8 +60,8 @@ def test_edge_environment_never_imports_tensorflow_while_running():
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from edge import selftest\n"
-        "from edge.bundle import Bundle\n"
+        "from floorline.edge.bundle import selftest\n"
+        "from floorline.edge.bundle.bundle import Bundle\n"
         f"b = Bundle.open(Path({str(EXAMPLE)!r}))\n"
         "for a in b.manifest.artifacts:\n"
         "    selftest.load(b, artifact=a.file).backend.close()\n"

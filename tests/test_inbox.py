@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from edge.inbox import Inbox
+from floorline.edge.daemon.inbox import Inbox
 
 
 def test_fifo_bound_and_timeouts():
@@ -81,8 +81,8 @@ def test_the_count_bound_holds_with_a_weight_bound_too():
 
 @pytest.mark.parametrize(("ack", "dropped"), [("receipt", 6), ("durable", 0)])
 def test_a_receipt_pipeline_bounds_its_inbox_by_bytes_and_a_durable_one_does_not(ack, dropped):
-    from edge.config import parse_config  # noqa: PLC0415 - the pipeline's own setup, once
-    from edge.pipeline import Pipeline  # noqa: PLC0415
+    from floorline.edge.config.model import parse_config  # noqa: PLC0415 - the pipeline's own setup, once
+    from floorline.edge.daemon.pipeline import Pipeline  # noqa: PLC0415
     from tests.daemon_harness import EXAMPLE  # noqa: PLC0415
     from tests.test_pipeline_fuzz import MODEL  # noqa: PLC0415 - the loaded example bundle
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.bundle import Bundle
-from edge.config import parse_config
-from edge.errors import BundleError, ConfigError, FloorlineError
-from edge.install import install_service
+from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.config.model import parse_config
+from floorline.edge.errors import BundleError, ConfigError, FloorlineError
+from floorline.edge.service.install import install_service
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "edge" / "models" / "pdm-classifier"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.logs import RateLimitFilter, setup_logging, writes_to_journal
+from floorline.edge.service.logs import RateLimitFilter, setup_logging, writes_to_journal
 
 HUMAN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\w+) ([\w.]+): (.*)")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from edge.errors import BundleError, ManifestError
-from edge.manifest import SCHEMA_VERSION, Manifest
+from floorline.edge.bundle.manifest import SCHEMA_VERSION, Manifest
+from floorline.edge.errors import BundleError, ManifestError
 from tests.bundle_factory import ARTIFACT_FIELDS, FAKE_SHA, manifest_dict
 
 Raw = dict[str, Any]

@@ -18,10 +18,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from edge.config import parse_config
-from edge.daemon import Daemon
-from edge.errors import FloorlineError
-from edge.metrics import METRIC_NAMES, BundleInfo, Metrics, MetricsConfig, StatsReporter
+from floorline.edge.config.model import parse_config
+from floorline.edge.daemon.daemon import Daemon
+from floorline.edge.errors import FloorlineError
+from floorline.edge.service.metrics import (
+    METRIC_NAMES,
+    BundleInfo,
+    Metrics,
+    MetricsConfig,
+    StatsReporter,
+)
 from tests.mqtt_broker import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,9 +25,9 @@ from paho.mqtt import _packet as paho_packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.config import BrokerConfig, TlsConfig
-from edge.mqtt_reader import BufferedSocket, Publish, split_publishes
-from edge.transport import MqttTransport
+from floorline.edge.config.model import BrokerConfig, TlsConfig
+from floorline.edge.mqtt.reader import BufferedSocket, Publish, split_publishes
+from floorline.edge.mqtt.transport import MqttTransport
 from tests.mqtt_broker import Mosquitto, ProbeFactory, TlsMaterial, wait_until
 
 MQTT5 = 5

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edge.outbox import DROP_REASONS, Outbox, OutboxConfig, OutMessage
+from floorline.edge.delivery.outbox import DROP_REASONS, Outbox, OutboxConfig, OutMessage
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 30.0  # bound for anything that waits on another thread or process
@@ -178,7 +178,7 @@ def test_pending_messages_survive_a_restart_in_order(box_path: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
-from edge.outbox import Outbox, OutboxConfig
+from floorline.edge.delivery.outbox import Outbox, OutboxConfig
 
 box = Outbox(Path(sys.argv[1]), OutboxConfig())
 assert box.mode == "disk", box.degraded_reason

@@ -8,10 +8,10 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.bundle import Bundle
-from edge.config import parse_config
-from edge.pipeline import Pipeline
-from edge.selftest import load
+from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.bundle.selftest import load
+from floorline.edge.config.model import parse_config
+from floorline.edge.daemon.pipeline import Pipeline
 from tests.daemon_harness import EXAMPLE
 
 _CONFIG = f"""

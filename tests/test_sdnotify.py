@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from edge.sdnotify import Notifier, WatchdogPinger, watchdog_interval, workers_healthy
+from floorline.edge.service.sdnotify import (
+    Notifier,
+    WatchdogPinger,
+    watchdog_interval,
+    workers_healthy,
+)
 from tests.mqtt_broker import wait_until
 
 
@@ -117,7 +122,7 @@ def test_send_failure_never_raises_and_is_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     n = Notifier(str(tmp_path / "nobody-listens.sock"))
-    with caplog.at_level(logging.DEBUG, logger="edge.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="floorline.edge.service.sdnotify"):
         assert not n.ready()
         assert not n.watchdog()
         assert not n.watchdog()

@@ -18,6 +18,8 @@ import pytest
 from tests.daemon_harness import asset_samples, config_text, sample_payload, vibration_pipeline
 from tests.mqtt_broker import free_port, wait_until
 
+FLOORLINE = [sys.executable, "-m", "floorline.edge"]
+
 
 class NotifySocket:
     """The AF_UNIX datagram socket systemd would listen on."""
@@ -46,7 +48,7 @@ class NotifySocket:
 
 
 def spawn(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+    return subprocess.Popen([*FLOORLINE, "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **env})
 
@@ -89,7 +91,7 @@ def test_watchdog_pings_stop_when_a_worker_stalls(mosquitto, unique_topic, tmp_p
     # The real daemon in-process, its real worker made to hang in the middle of a message with
     # more queued: what a stuck inference looks like. (SIGSTOP on a process would freeze the
     # pinger as well, which proves nothing.)
-    from edge.sdnotify import Notifier, WatchdogPinger, workers_healthy  # noqa: PLC0415
+    from floorline.edge.service.sdnotify import Notifier, WatchdogPinger, workers_healthy  # noqa: PLC0415
     from tests.daemon_harness import running  # noqa: PLC0415
 
     with running(config_text(mosquitto, vibration_pipeline(unique_topic))) as daemon:

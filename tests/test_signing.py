@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x448
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.errors import SignatureError
-from edge.signing import (
+from floorline.edge.bundle.signing import (
     Signature,
     generate_keypair,
     key_id,
@@ -24,6 +23,7 @@ from edge.signing import (
     sign,
     verify,
 )
+from floorline.edge.errors import SignatureError
 
 DATA = b'{"name": "vibration-demo"}\n'
 

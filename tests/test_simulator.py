@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.decode import BinaryDecoderConfig, JsonDecoderConfig, make_decoder
-from edge.signals import Condition
-from edge.simulator import Fault, PlantConfig, PlantSimulator
+from floorline.edge.decoders.base import BinaryDecoderConfig, JsonDecoderConfig, make_decoder
+from floorline.edge.demo.signals import Condition
+from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator
 
 FEATURES = ["accel_x", "accel_y", "accel_z"]
 

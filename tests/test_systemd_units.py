@@ -206,7 +206,7 @@ if spec["errno"] is not None:
     probe["denied_syscall_errno"] = (libc.syscall(spec["probe_nr"], 0, 0, 0),
                                      ctypes.get_errno())
 print("PROBE " + json.dumps(probe), file=sys.stderr, flush=True)
-from edge.cli import main
+from floorline.edge.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import pytest
 
-from edge.config import BrokerConfig, TlsConfig
-from edge.errors import ConfigError, TransportError
-from edge.transport import MqttTransport, Will, backoff_delays
+from floorline.edge.config.model import BrokerConfig, TlsConfig
+from floorline.edge.errors import ConfigError, TransportError
+from floorline.edge.mqtt.transport import MqttTransport, Will, backoff_delays
 from tests.mqtt_broker import (
     AUTH_PASSWORD,
     AUTH_USER,
@@ -348,8 +348,8 @@ def test_missing_tls_file_is_a_transport_error_naming_the_field(
 # A gateway in its own process, so the test can kill it the way a power cut or OOM kill would.
 _GATEWAY = """
 import sys
-from edge.config import BrokerConfig
-from edge.transport import MqttTransport, Will, backoff_delays
+from floorline.edge.config.model import BrokerConfig
+from floorline.edge.mqtt.transport import MqttTransport, Will, backoff_delays
 
 host, port, state, keepalive, client_id = sys.argv[1:6]
 transport = MqttTransport(

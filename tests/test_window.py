@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge.decode import Samples
-from edge.errors import ConfigError, DecodeError
-from edge.window import RESET_CAUSES, Window, WindowConfig, Windower
+from floorline.edge.decoders.base import Samples
+from floorline.edge.errors import ConfigError, DecodeError
+from floorline.edge.stream.window import RESET_CAUSES, Window, WindowConfig, Windower
 
 F = 2
 

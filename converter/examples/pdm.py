@@ -3,8 +3,9 @@
 This is the flow a Floorline user follows with their own model, run on data the product makes
 itself so the example is reproducible anywhere:
 
-1. seeded datasets from :func:`edge.signals.make_dataset`: training, validation, a held-out
-   parity set and a separate calibration set, 64-sample windows of 3 accelerometer axes in g;
+1. seeded datasets from :func:`floorline.edge.demo.signals.make_dataset`: training, validation,
+   a held-out parity set and a separate calibration set, 64-sample windows of 3 accelerometer
+   axes in g;
 2. per-feature normalization (mean, std) from the training set: the model takes normalized
    windows, and the gateway normalizes raw samples with the manifest's mean and std;
 3. a tiny Conv1D classifier trained deterministically, reported on the held-out set;
@@ -15,7 +16,7 @@ itself so the example is reproducible anywhere:
 
 Regenerate the bundle shipped in the repository with ``make example-bundle``, which runs::
 
-    python -m converter.examples.pdm --out edge/models/pdm-classifier
+    python -m floorline.converter.examples.pdm --out edge/models/pdm-classifier
 
 Same seed, same data, same weights (TensorFlow op determinism is on). TensorFlow is needed, as for
 any conversion (``pip install 'floorline[convert]'``).
@@ -35,7 +36,7 @@ import numpy as np
 import yaml
 from numpy.typing import NDArray
 
-from edge.signals import CONDITIONS, FEATURES, make_dataset
+from floorline.edge.demo.signals import CONDITIONS, FEATURES, make_dataset
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ CARD_TEMPLATE = "pdm_card.yaml"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m converter.examples.pdm",
+        prog="python -m floorline.converter.examples.pdm",
         description="Train the example vibration classifier and convert it into a bundle.",
     )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
@@ -109,7 +110,7 @@ def normalization(x: NDArray[np.float32]) -> tuple[list[float], list[float]]:
 
 
 def normalize(x: NDArray[np.float32], mean: list[float], std: list[float]) -> NDArray[np.float32]:
-    """(x - mean) / std in float32, the same arithmetic as ``edge.normalization``."""
+    """(x - mean) / std in float32, as the gateway does (``stream.normalization``)."""
     out: NDArray[np.float32] = (
         (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     ).astype(np.float32)
@@ -153,14 +154,14 @@ def format_confusion(matrix: NDArray[np.int64]) -> str:
 
 def write_card(path: Path, mean: list[float], std: list[float]) -> None:
     """WORK/card.yaml: the packaged card template plus the computed normalization."""
-    template = importlib.resources.files("converter.examples").joinpath(CARD_TEMPLATE)
+    template = importlib.resources.files("floorline.converter.examples").joinpath(CARD_TEMPLATE)
     card = yaml.safe_load(template.read_text(encoding="utf-8"))
     # The template and the signal generator must agree, or the bundle would mislabel classes.
     expected_features = [{"name": name, "unit": unit} for name, unit in FEATURES]
     if card.get("features") != expected_features or card.get("window") != WINDOW:
-        raise ValueError(f"{CARD_TEMPLATE}: features/window differ from edge.signals")
+        raise ValueError(f"{CARD_TEMPLATE}: features/window differ from the demo's signals")
     if card.get("labels") != [c.value for c in CONDITIONS]:
-        raise ValueError(f"{CARD_TEMPLATE}: labels differ from edge.signals.CONDITIONS")
+        raise ValueError(f"{CARD_TEMPLATE}: labels differ from signals.CONDITIONS")
     card["normalization"] = {"mean": mean, "std": std}
     path.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         std,
     )
 
-    from converter.tensorflow_import import import_tensorflow  # noqa: PLC0415 - slow, on demand
+    from floorline.converter.tensorflow_import import import_tensorflow  # noqa: PLC0415 - slow, on demand
 
     tf, keras = import_tensorflow()
     keras.utils.set_random_seed(args.seed)
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     write_card(card_path, mean, std)
     log.info("wrote %s, %s, %s and %s", model_path, card_path, calibration_path, parity_path)
 
-    from converter.cli import main as convert  # noqa: PLC0415 - imports the converter stack
+    from floorline.converter.cli import main as convert  # noqa: PLC0415 - imports the converter stack
 
     status = convert(
         [

@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.backends.base import Backend, BackendOptions, FloatArray, QuantParams, TensorSpec
-from edge.errors import BackendError, RuntimeMissingError
+from floorline.edge.backends.base import (
+    Backend,
+    BackendOptions,
+    FloatArray,
+    QuantParams,
+    TensorSpec,
+)
+from floorline.edge.errors import BackendError, RuntimeMissingError
 
 __all__ = [
     "BACKENDS",
@@ -39,8 +45,8 @@ class BackendInfo:
 
 
 BACKENDS: dict[str, BackendInfo] = {
-    "litert": BackendInfo("edge.backends.litert", "LiteRTBackend", "tflite", "litert"),
-    "onnx": BackendInfo("edge.backends.onnx", "OnnxBackend", "onnx", "onnx"),
+    "litert": BackendInfo("floorline.edge.backends.litert", "LiteRTBackend", "tflite", "litert"),
+    "onnx": BackendInfo("floorline.edge.backends.onnx", "OnnxBackend", "onnx", "onnx"),
 }
 """Every backend, by the name configs use (``backend: litert``)."""
 

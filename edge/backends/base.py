@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from edge.errors import BackendError
+from floorline.edge.errors import BackendError
 
 FloatArray = NDArray[np.float32]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.backends.base import (
+from floorline.edge.backends.base import (
     BackendOptions,
     FloatArray,
     QuantParams,
@@ -22,7 +22,7 @@ from edge.backends.base import (
     file_must_exist,
     quantize,
 )
-from edge.errors import BackendError, RuntimeMissingError
+from floorline.edge.errors import BackendError, RuntimeMissingError
 
 # (interpreter module, distribution that provides it)
 _PROVIDERS = {

@@ -7,8 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from edge.backends.base import BackendOptions, FloatArray, TensorSpec, check_batch, file_must_exist
-from edge.errors import BackendError, RuntimeMissingError
+from floorline.edge.backends.base import (
+    BackendOptions,
+    FloatArray,
+    TensorSpec,
+    check_batch,
+    file_must_exist,
+)
+from floorline.edge.errors import BackendError, RuntimeMissingError
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,

@@ -37,7 +37,7 @@ def main() -> int:
     """Train and convert; returns the converter's exit code."""
     import keras  # noqa: PLC0415 - TensorFlow only here
 
-    from converter.cli import main as convert  # noqa: PLC0415
+    from floorline.converter.cli import main as convert  # noqa: PLC0415
 
     keras.utils.set_random_seed(3)
     x, y = temperature_windows(4000, seed=1)

@@ -1,0 +1,401 @@
+"""``floorline``: the gateway-side command line.
+
+    floorline run --config FILE                 the daemon
+    floorline check --config FILE               validate a config, verify and self-test its bundles
+    floorline demo [--duration S]               broker + simulated plant + daemon + live table
+    floorline simulate [--broker HOST:PORT] ... publish a synthetic plant
+    floorline selftest BUNDLE [--backend litert|onnx] [--artifact FILE] [--trust KEY.pub]
+    floorline inspect BUNDLE [--trust KEY.pub]
+    floorline infer BUNDLE --input WINDOWS.npy [--backend ...]
+
+Nothing here imports TensorFlow; runtimes are imported by the backend that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from floorline.edge import __version__
+from floorline.edge.backends import BackendOptions
+from floorline.edge.errors import FloorlineError
+
+
+def _open(args: argparse.Namespace) -> object:
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.bundle.signing import load_public_key  # noqa: PLC0415
+
+    trusted = [load_public_key(p) for p in args.trust or []]
+    return Bundle.open(args.bundle, trusted_keys=trusted, require_signature=args.require_signature)
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from floorline.edge.bundle import selftest  # noqa: PLC0415
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+
+    bundle = _open(args)
+    assert isinstance(bundle, Bundle)  # noqa: S101 - narrows the type for mypy
+    options = BackendOptions(threads=args.threads, interpreter=args.interpreter)
+    with bundle:
+        m = bundle.manifest
+        print(f"{m.name} {m.version}: hashes verified" + (
+            f", signed by {bundle.signed_by}" if bundle.signed_by else ""
+        ))
+        if args.artifact:
+            files = [args.artifact]
+        elif args.backend:
+            from floorline.edge.backends import BACKENDS  # noqa: PLC0415
+
+            fmt = BACKENDS[args.backend].format if args.backend in BACKENDS else None
+            files = [a.file for a in m.artifacts if a.format == fmt]
+        else:
+            files = [a.file for a in m.artifacts]
+        if not files:
+            print(f"floorline: error: no artifact in the bundle runs on {args.backend}",
+                  file=sys.stderr)
+            return 1
+        failures = 0
+        for file in files:
+            try:
+                loaded = selftest.load(
+                    bundle, artifact=file, backend=args.backend, options=options
+                )
+            except FloorlineError as exc:
+                failures += 1
+                print(f"  {file:<22} FAIL  {exc}")
+                continue
+            rep = loaded.selftest
+            loaded.backend.close()
+            agree = (
+                "" if rep.top1_agreement_source is None
+                else f", top-1 vs source {rep.top1_agreement_source:.0%}"
+            )
+            print(
+                f"  {file:<22} ok    {rep.runtime}: max err {rep.max_abs_error:.2e} "
+                f"(allowed {rep.atol:.0e}) on {rep.samples} golden inputs{agree}"
+            )
+        return 1 if failures else 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.bundle.report import describe  # noqa: PLC0415
+
+    bundle = _open(args)
+    assert isinstance(bundle, Bundle)  # noqa: S101
+    with bundle:
+        print(describe(bundle))
+    return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from floorline.edge.bundle import selftest  # noqa: PLC0415
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.stream.normalization import normalize  # noqa: PLC0415
+
+    bundle = _open(args)
+    assert isinstance(bundle, Bundle)  # noqa: S101
+    with bundle:
+        try:
+            raw = np.load(args.input, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            print(f"floorline: error: {args.input}: {exc}", file=sys.stderr)
+            return 1
+        loaded = selftest.load(
+            bundle,
+            backend=args.backend,
+            options=BackendOptions(threads=args.threads, interpreter=args.interpreter),
+        )
+        try:
+            x = raw if args.normalized else normalize(raw, bundle.manifest.input)
+            out = loaded.backend.infer(x)
+        finally:
+            loaded.backend.close()
+        labels = bundle.manifest.output.labels
+        for row in out:
+            if labels:
+                print(f"{labels[int(row.argmax())]:<20} " + " ".join(f"{v:.4f}" for v in row))
+            else:
+                print(" ".join(f"{v:.6g}" for v in row))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from floorline.edge.service.run import run  # noqa: PLC0415
+
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return run(args.config)
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from floorline.edge.bundle.signing import generate_keypair, key_id, load_public_key  # noqa: PLC0415
+    from floorline.edge.fleet import operator as fleet_cli  # noqa: PLC0415
+
+    if args.fleet_command == "keygen":
+        private, public = generate_keypair(args.prefix)
+        print(f"wrote {private} (keep secret) and {public} "
+              f"(key id {key_id(load_public_key(public))}); add {public.name} to the gateways' "
+              "fleet.operator_keys (and trust.trusted_keys to accept bundles you sign)")
+        return 0
+    broker = fleet_cli._broker(args.broker, args.protocol)  # noqa: SLF001
+    if args.fleet_command == "push":
+        target = {"gateway": args.gateway} if args.gateway else {"group": args.group}
+        fleet_cli.push(target=target, config_file=args.config, bundles=args.bundle or [],
+                       key_file=args.key, broker=broker, version=args.version,
+                       ttl_hours=args.ttl_hours, sign_bundles=args.sign_bundles,
+                       verify=not args.skip_verify)
+        return 0
+    rows = fleet_cli.status(broker=broker, gateway=args.gateway, wait_s=args.wait)
+    return 0 if rows else 1
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from floorline.edge.service.install import install_service  # noqa: PLC0415
+
+    for line in install_service(args.config, prefix=args.prefix, user=args.user,
+                                instance=args.instance, dry_run=args.dry_run):
+        print(line)
+    return 0
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from floorline.edge.service.run import send_reload  # noqa: PLC0415
+
+    print(send_reload(args.config))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from floorline.edge.config.model import load_config  # noqa: PLC0415
+    from floorline.edge.daemon.daemon import load_model  # noqa: PLC0415
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid config for gateway {config.gateway.id}, "
+          f"{len(config.pipelines)} pipeline(s), broker {config.broker.host}:{config.broker.port}")
+    try:
+        config.broker.credentials()
+    except FloorlineError as exc:
+        print(f"  broker credentials: FAIL  {exc}")
+        return 1
+    failures = 0
+    for pc in config.pipelines:
+        try:
+            loaded = load_model(config, pc)
+        except FloorlineError as exc:
+            failures += 1
+            print(f"  pipeline {pc.name}: FAIL  {exc}")
+            continue
+        m, rep = loaded.bundle.manifest, loaded.selftest
+        signed = f"signed by {loaded.bundle.signed_by}" if loaded.bundle.signed_by else "unsigned"
+        print(
+            f"  pipeline {pc.name}: ok  {m.name} {m.version} ({loaded.artifact.file}, {signed}) on "
+            f"{rep.runtime}; self-test max err {rep.max_abs_error:.2e} (allowed {rep.atol:.0e}); "
+            f"window {m.input.window} x {len(m.input.features)} features, "
+            f"hop {pc.window.hop or m.input.window}, batch {pc.batch.max_batch}"
+            f"/{pc.batch.max_wait_ms:g} ms"
+        )
+        loaded.backend.close()
+        loaded.bundle.close()
+    return 1 if failures else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from floorline.edge.demo.live import run_demo  # noqa: PLC0415
+
+    return run_demo(
+        duration=args.duration,
+        assets=args.assets,
+        rate=args.rate,
+        faults=tuple(args.fault) if args.fault else None,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+    )
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+
+    from floorline.edge.config.model import BrokerConfig  # noqa: PLC0415
+    from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator  # noqa: PLC0415
+    from floorline.edge.mqtt.transport import MqttTransport  # noqa: PLC0415
+
+    host, _, port = args.broker.rpartition(":")
+    broker = BrokerConfig(host=host or "localhost", port=int(port or 1883),
+                          protocol=args.protocol)
+    try:
+        faults = [Fault.parse(f) for f in args.fault or []]
+        plant = PlantConfig(assets=args.assets, line=args.line, rate=args.rate, mode=args.mode,
+                            fmt=args.format, block=args.block, faults=faults, seed=args.seed,
+                            qos=args.qos)
+    except ValueError as exc:
+        print(f"floorline: error: {exc}", file=sys.stderr)
+        return 2
+    transport = MqttTransport(broker, f"floorline-sim-{os.getpid()}", lambda *_: None, [])
+    transport.start()
+    if not transport.wait_connected(10):
+        print(f"floorline: error: no broker at {broker.host}:{broker.port}", file=sys.stderr)
+        transport.stop()
+        return 1
+    sim = PlantSimulator(plant, lambda t, p: transport.publish(t, p, plant.qos, False))
+    print(f"simulating {plant.assets} assets at {plant.rate:g} samples/s each "
+          f"({plant.mode}/{plant.fmt}) to {broker.host}:{broker.port}; Ctrl-C stops")
+    try:
+        sim.run(duration=args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.stop()
+    print(f"published {sim.messages} messages ({sim.samples} samples)")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from floorline.edge.config.model import Config  # noqa: PLC0415
+
+    del args
+    print(json.dumps(Config.model_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle directory or .tar")
+    p.add_argument("--trust", type=Path, action="append", help="trusted public key (repeat)")
+    p.add_argument("--require-signature", action="store_true")
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("litert", "onnx"), help="runtime to use")
+    p.add_argument(
+        "--interpreter",
+        default="auto",
+        choices=("auto", "ai_edge_litert", "tflite_runtime", "tensorflow"),
+        help="TFLite interpreter module for the litert backend (default auto)",
+    )
+    p.add_argument("--threads", type=int, default=1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="floorline", description="Floorline gateway runtime.")
+    parser.add_argument("--version", action="version", version=f"floorline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway daemon")
+    run.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    fleet = sub.add_parser("fleet", help="operator commands: keygen, push, status")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    fk = fsub.add_parser("keygen", help="create an operator signing key pair")
+    fk.add_argument("prefix", type=Path, help="writes PREFIX.key and PREFIX.pub")
+    for name in ("push", "status"):
+        fp = fsub.add_parser(name, help=f"fleet {name}")
+        fp.add_argument("--broker", default="localhost:1883", help="HOST:PORT")
+        fp.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+        if name == "push":
+            who = fp.add_mutually_exclusive_group(required=True)
+            who.add_argument("--gateway", help="one gateway id")
+            who.add_argument("--group", help="a gateway group")
+            fp.add_argument("--config", type=Path, required=True,
+                            help="YAML with the pipelines (and limits/logging) to run")
+            fp.add_argument("--bundle", type=Path, action="append",
+                            help="bundle directory the config names (repeat)")
+            fp.add_argument("--key", type=Path, required=True, help="operator private key")
+            fp.add_argument("--version", type=int, help="default: now in milliseconds")
+            fp.add_argument("--ttl-hours", type=float, default=168.0)
+            fp.add_argument("--sign-bundles", action="store_true",
+                            help="sign the pushed bundles with --key too")
+            fp.add_argument("--skip-verify", action="store_true",
+                            help="push bundles without checking them first (drills: let the "
+                            "gateway do the refusing)")
+        else:
+            fp.add_argument("--gateway", help="only this gateway")
+            fp.add_argument("--wait", type=float, default=2.0, help="seconds to collect")
+    ins = sub.add_parser("install-service",
+                         help="install the systemd unit, config and bundles on this gateway")
+    ins.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    ins.add_argument("--prefix", type=Path, default=Path("/"), help="root to install under")
+    ins.add_argument("--user", help="run as this existing user (default: DynamicUser)")
+    ins.add_argument("--instance", help="install as floorline@INSTANCE")
+    ins.add_argument("--dry-run", action="store_true", help="say what would be done")
+    rel = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
+    rel.add_argument("--config", type=Path, required=True, help="the daemon's YAML config")
+    chk = sub.add_parser("check", help="validate a config and self-test its bundles")
+    chk.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    demo = sub.add_parser("demo", help="simulated plant + daemon + live predictions")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    demo.add_argument("--assets", type=int, default=8, help="pumps to simulate (8)")
+    demo.add_argument("--rate", type=float, default=200.0, help="samples/s per pump (200)")
+    demo.add_argument("--fault", action="append",
+                      help="ASSET=CONDITION[@START_S][+RAMP_S] (repeat); default: three faults")
+    demo.add_argument("--host", default="localhost", help="broker to try first (localhost)")
+    demo.add_argument("--port", type=int, default=1883)
+    demo.add_argument("--metrics-port", type=int,
+                      help="also serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)")
+    sim = sub.add_parser("simulate", help="publish a synthetic plant to a broker")
+    sim.add_argument("--broker", default="localhost:1883", help="HOST:PORT (localhost:1883)")
+    sim.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    sim.add_argument("--assets", type=int, default=8)
+    sim.add_argument("--line", default="line1")
+    sim.add_argument("--rate", type=float, default=200.0, help="samples/s per asset")
+    sim.add_argument("--mode", choices=("sample", "block"), default="sample")
+    sim.add_argument("--format", choices=("json", "binary"), default="json")
+    sim.add_argument("--block", type=int, default=64, help="samples per block message")
+    sim.add_argument("--fault", action="append", help="ASSET=CONDITION[@START_S][+RAMP_S]")
+    sim.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    sub.add_parser("schema", help="print the config JSON Schema (configs/config.schema.json)")
+    st = sub.add_parser("selftest", help="verify a bundle and run its golden self-test")
+    _bundle_args(st)
+    _runtime_args(st)
+    st.add_argument("--artifact", help="test only this artifact file")
+    insp = sub.add_parser("inspect", help="verify a bundle and summarise it")
+    _bundle_args(insp)
+    inf = sub.add_parser("infer", help="run a bundle on windows from an .npy file")
+    _bundle_args(inf)
+    _runtime_args(inf)
+    inf.add_argument("--input", type=Path, required=True, help=".npy of raw windows (N, W, F)")
+    inf.add_argument("--normalized", action="store_true", help="input is already normalized")
+    return parser
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "check": _cmd_check,
+    "reload": _cmd_reload,
+    "fleet": _cmd_fleet,
+    "install-service": _cmd_install,
+    "demo": _cmd_demo,
+    "simulate": _cmd_simulate,
+    "schema": _cmd_schema,
+    "selftest": _cmd_selftest,
+    "inspect": _cmd_inspect,
+    "infer": _cmd_infer,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``floorline``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from floorline.edge.service.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging("DEBUG" if args.verbose else ("INFO" if args.command == "run" else "WARNING"))
+    try:
+        return _COMMANDS[args.command](args)
+    except FloorlineError as exc:
+        print(f"floorline: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `floorline check ... | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

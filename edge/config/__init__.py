@@ -1,0 +1,19 @@
+"""The gateway's YAML configuration: strict models, loading with file:line errors, starters."""
+
+from floorline.edge.config.model import (
+    Config,
+    LimitsConfig,
+    PipelineConfig,
+    TopicsConfig,
+    load_config,
+    parse_config,
+)
+
+__all__ = [
+    "Config",
+    "LimitsConfig",
+    "PipelineConfig",
+    "TopicsConfig",
+    "load_config",
+    "parse_config",
+]

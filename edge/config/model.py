@@ -1,0 +1,496 @@
+"""The gateway's YAML configuration, as strict pydantic models.
+
+Unknown keys and wrong types are errors that name the file and line (``load_config``). Secrets are
+never required in the YAML: a broker password comes from an environment variable or a file (for
+example a systemd credential), and relative paths are taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from floorline.edge.decoders.base import DecoderConfig
+from floorline.edge.delivery.outbox import OutboxConfig
+from floorline.edge.errors import ConfigError
+from floorline.edge.service.metrics import MetricsConfig
+from floorline.edge.stream.batch import BatchConfig
+from floorline.edge.stream.window import WindowConfig
+
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _check_filter(value: str) -> str:
+    # MQTT topic filter rules: '#' only last and alone in its level, '+' alone in its level.
+    if not value or len(value.encode()) > 65535 or "\x00" in value:
+        raise ValueError(f"{value!r} is not a valid MQTT topic filter")
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"{value!r}: '#' must be a whole last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"{value!r}: '+' must be a whole level")
+    return value
+
+
+def _check_name(value: str) -> str:
+    # Names end up in topic levels and metric labels: no MQTT wildcards or separators.
+    if not _SLUG.fullmatch(value):
+        raise ValueError("use letters, digits, '.', '_' or '-' (max 64), no '/', '+' or '#'")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class GatewayConfig(_Strict):
+    """Who this gateway is."""
+
+    id: Name = Field(description="Gateway id, used in topics and the client id, e.g. 'line1-gw01'.")
+
+
+
+class TlsConfig(_Strict):
+    """TLS to the broker. Any field set enables TLS."""
+
+    ca_file: Path | None = Field(default=None, description="CA bundle; system CAs when unset.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+    insecure: bool = Field(
+        default=False, description="Skip hostname verification. For lab brokers only."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class BrokerConfig(_Strict):
+    """The MQTT broker connection."""
+
+    host: str = Field(default="localhost", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="1883 plain, 8883 usually TLS.")
+    protocol: Literal["3.1.1", "5"] = Field(default="5", description="MQTT protocol version.")
+    client_id: str | None = Field(
+        default=None, description="Client id; default 'floorline-<gateway id>'."
+    )
+    keepalive: int = Field(default=30, ge=5, le=3600, description="Keepalive in seconds.")
+    username: str | None = Field(default=None, description="User name (not secret).")
+    username_env: str | None = Field(
+        default=None, description="Environment variable holding the user name."
+    )
+    password_env: str | None = Field(
+        default=None, description="Environment variable holding the password."
+    )
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the password, e.g. $CREDENTIALS_DIRECTORY/mqtt-password.",
+    )
+    tls: TlsConfig | None = Field(default=None, description="TLS settings; omit for plain TCP.")
+    clean_start: bool = Field(
+        default=True,
+        description="Start a fresh session. false (with session_expiry_s on MQTT 5) keeps a "
+        "persistent session: the broker holds QoS 1 input for this gateway while it is away.",
+    )
+    session_expiry_s: int = Field(
+        default=0, ge=0, description="MQTT 5: how long the broker keeps the session after a drop."
+    )
+    reconnect_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(default=60.0, gt=0, description="Largest reconnect delay.")
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> BrokerConfig:
+        if self.password_env and self.password_file:
+            raise ValueError("set password_env or password_file, not both")
+        if self.username and self.username_env:
+            raise ValueError("set username or username_env, not both")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(username, password) resolved from the environment and files, or raise ConfigError."""
+        user = self.username
+        if self.username_env:
+            user = os.environ.get(self.username_env)
+            if user is None:
+                raise ConfigError(f"broker.username_env: ${self.username_env} is not set")
+        password = None
+        if self.password_env:
+            password = os.environ.get(self.password_env)
+            if password is None:
+                raise ConfigError(f"broker.password_env: ${self.password_env} is not set")
+        elif self.password_file:
+            try:
+                password = self.password_file.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"broker.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from exc
+        if password is not None and user is None:
+            raise ConfigError("broker: a password is configured but no username")
+        return user, password
+
+
+class TopicsConfig(_Strict):
+    """Topic templates. Placeholders: {gateway}, {pipeline}, {asset}."""
+
+    predictions: str = Field(
+        default="floorline/{gateway}/pred/{pipeline}/{asset}",
+        description="Where predictions go, per pipeline and asset.",
+    )
+    dead_letter: str = Field(
+        default="floorline/{gateway}/dlq/{pipeline}",
+        description="Where rejected messages are reported (reason, topic, size; no payload).",
+    )
+    state: str = Field(
+        default="floorline/{gateway}/state",
+        description="Retained gateway state; the last will sets it offline.",
+    )
+    stats: str = Field(
+        default="floorline/{gateway}/stats",
+        description="Compact JSON stats every metrics.stats_interval_s (for plants without "
+        "Prometheus).",
+    )
+
+
+class AssetConfig(_Strict):
+    """Where a message's asset key comes from: a topic level, or the payload (decoder's asset)."""
+
+    topic_segment: int | None = Field(
+        default=-2,
+        description="Topic level index (0-based; negative counts from the end). "
+        "plant/line1/pump-07/vibration with -2 gives 'pump-07'.",
+    )
+    payload: bool = Field(
+        default=False,
+        description="Take the asset from the payload (json 'asset' path or a csv 'asset' column).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AssetConfig:
+        if self.payload:
+            self.topic_segment = None
+        if self.topic_segment is None and not self.payload:
+            raise ValueError("set topic_segment or payload: true")
+        return self
+
+
+class OutputConfig(_Strict):
+    """How predictions are published."""
+
+    topic: str | None = Field(default=None, description="Template; default topics.predictions.")
+    qos: Literal[0, 1, 2] = Field(default=1, description="QoS of prediction messages.")
+    retain: bool = Field(default=False, description="Retain the latest prediction per topic.")
+
+
+class PipelineConfig(_Strict):
+    """One stream: subscriptions → decoder → windows → batches → model → predictions."""
+
+    name: Name = Field(description="Pipeline name, used in topics and metrics.")
+    subscribe: list[str] = Field(min_length=1, description="MQTT topic filters to subscribe to.")
+    qos: Literal[0, 1, 2] = Field(default=1, description="Subscription QoS.")
+    bundle: Path = Field(description="Bundle directory or .tar (relative to this file).")
+    artifact: str | None = Field(default=None, description="Artifact file; default by backend.")
+    backend: Literal["auto", "litert", "onnx"] = Field(
+        default="auto", description="Runtime: auto prefers LiteRT for TFLite, else ONNX Runtime."
+    )
+    interpreter: Literal["auto", "ai_edge_litert", "tflite_runtime"] = Field(
+        default="auto", description="TFLite interpreter module for the litert backend."
+    )
+    threads: int = Field(default=1, ge=1, le=64, description="Runtime threads for inference.")
+    decoder: DecoderConfig
+    asset: AssetConfig = Field(default_factory=AssetConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ack: Literal["receipt", "durable"] = Field(
+        default="receipt",
+        description="When input is acknowledged to the broker. receipt: on arrival (a crash "
+        "loses the partial windows held in memory). durable: once what a message contributes "
+        "is safe (its predictions in the outbox, its samples in the window journal); needs QoS 1, "
+        "sequence numbers and a persistent session.",
+    )
+    labels: list[str] | None = Field(default=None, description="Override the bundle's labels.")
+    thresholds: dict[str, float] | None = Field(
+        default=None, description="Override the bundle's thresholds."
+    )
+
+    @field_validator("subscribe")
+    @classmethod
+    def _filters(cls, value: list[str]) -> list[str]:
+        return [_check_filter(v) for v in value]
+
+
+def _has_sequence(decoder: DecoderConfig) -> bool:
+    if decoder.type == "json":
+        return decoder.sequence is not None
+    if decoder.type == "binary":
+        return decoder.header == "timestamp_sequence"
+    return "sequence" in decoder.columns
+
+
+class LimitsConfig(_Strict):
+    """Bounds that keep a gateway alive under bad or excessive input."""
+
+    max_payload_bytes: int = Field(
+        default=256 * 1024, ge=16, description="Larger messages are dead-lettered unread."
+    )
+    inbox_size: int = Field(
+        default=20000, ge=10, description="Messages queued per pipeline; beyond, new ones drop."
+    )
+    inbox_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=4096,
+        description="Memory queued messages may take per `ack: receipt` pipeline, counted as "
+        "payload plus 128 bytes each; beyond, new ones drop (a message always fits an empty "
+        "inbox). Durable pipelines are bounded by inbox_size (MQTT 5: the receive maximum).",
+    )
+    max_packet_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64,
+        description="MQTT 5 Maximum Packet Size: the broker never sends larger messages.",
+    )
+    drain_timeout_s: float = Field(
+        default=5.0, ge=0, description="On shutdown, how long workers may finish queued work."
+    )
+
+
+class LoggingConfig(_Strict):
+    """Log output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class TrustConfig(_Strict):
+    """Which bundle signatures a gateway accepts."""
+
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Public keys: file paths (PEM or base64) relative to this file.",
+    )
+    require_signature: bool = Field(
+        default=False, description="Refuse unsigned bundles (recommended in production)."
+    )
+
+
+class FleetConfig(_Strict):
+    """Remote config and bundle pushes over MQTT (signed by an operator key this file trusts)."""
+
+    enabled: bool = Field(default=False, description="Accept desired-state pushes.")
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="Operator public keys (files relative to this file, or base64) whose "
+        "signatures on desired-state documents are accepted.",
+    )
+    groups: list[Name] = Field(
+        default_factory=list, description="Groups this gateway belongs to (group pushes)."
+    )
+    probation_s: float = Field(
+        default=60.0, ge=0, description="After a switch, how long health is watched."
+    )
+    max_dead_letter_ratio: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="During probation, a larger share of dead-lettered input rolls back.",
+    )
+    min_probation_messages: int = Field(
+        default=20, ge=1, description="Input needed before the dead-letter share is judged."
+    )
+    max_inference_failures: int = Field(
+        default=0, ge=0, description="During probation, more failed inferences roll back."
+    )
+    store_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Bundle store size before clean-up."
+    )
+    max_clock_skew_s: float = Field(
+        default=300.0, ge=0, description="Tolerated clock difference to the operator."
+    )
+    bundle_fetch_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long to wait for a pushed bundle to arrive."
+    )
+    history: int = Field(default=10, ge=1, le=100, description="Apply results reported.")
+
+
+PUSHABLE_SECTIONS = frozenset({"pipelines", "limits", "logging"})
+"""What a fleet push may change. Identity, broker, trust, fleet and storage stay local: a push
+must never be able to cut a gateway off its broker or make it trust another key."""
+
+
+class Config(_Strict):
+    """A gateway configuration file."""
+
+    gateway: GatewayConfig
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    state_dir: Path | None = Field(
+        default=None,
+        description="Where the outbox and window journal live. Default: $STATE_DIRECTORY "
+        "(set by systemd's StateDirectory=), else 'floorline-state' beside this file.",
+    )
+    pipelines: list[PipelineConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        names = [p.name for p in self.pipelines]
+        if len(set(names)) != len(names):
+            raise ValueError("pipeline names must be unique")
+        for p in self.pipelines:
+            if p.ack != "durable":
+                continue
+            # Each requirement closes one way to lose or double-count input across a restart.
+            if p.qos < 1:
+                raise ValueError(f"pipeline {p.name}: ack durable needs qos 1 or 2")
+            if not _has_sequence(p.decoder):
+                raise ValueError(
+                    f"pipeline {p.name}: ack durable needs sequence numbers in the input "
+                    "(decoder sequence / header timestamp_sequence / a 'sequence' column) so "
+                    "redelivered messages are recognised"
+                )
+            if self.broker.clean_start:
+                raise ValueError(
+                    f"pipeline {p.name}: ack durable needs broker.clean_start: false (and "
+                    "session_expiry_s on MQTT 5) so the broker keeps unacknowledged input"
+                )
+        return self
+
+    def with_desired(self, desired: dict[str, Any], origin: str = "desired state") -> Config:
+        """A copy of this config with a push's sections replaced, validated like a file."""
+        if not isinstance(desired, dict):
+            raise ConfigError(f"{origin}: config must be a mapping")
+        if extra := sorted(set(desired) - PUSHABLE_SECTIONS):
+            raise ConfigError(
+                f"{origin}: a push may set only {', '.join(sorted(PUSHABLE_SECTIONS))}; "
+                f"not {', '.join(extra)}"
+            )
+        data = self.model_dump(mode="json")
+        data.update(desired)
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{origin}: {where}: {first['msg']}") from exc
+
+    def resolved_state_dir(self) -> Path:
+        """The state directory in use (see ``state_dir``)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        env = os.environ.get("STATE_DIRECTORY")
+        if env:
+            return Path(env.split(":")[0])
+        return Path("floorline-state")
+
+    def client_id(self) -> str:
+        """The MQTT client id: configured, or derived from the gateway id."""
+        return self.broker.client_id or f"floorline-{self.gateway.id}"
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    # Walk the composed YAML tree along pydantic's error location to the deepest node that exists.
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                # Not in the YAML: a missing field (stay on its parent) or a union tag like
+                # 'json' that pydantic adds to the location (skip it, keep walking).
+                continue
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+        else:
+            continue  # union tags such as 'json' in a discriminated union: not in the YAML
+        line = node.start_mark.line + 1
+    return line
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def rel(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else base / path
+
+    for p in config.pipelines:
+        if not str(p.bundle).startswith("sha256:"):  # a store reference, not a path
+            p.bundle = rel(p.bundle) or p.bundle
+    config.state_dir = rel(config.state_dir) or config.state_dir
+    if config.state_dir is None and not os.environ.get("STATE_DIRECTORY"):
+        config.state_dir = base / "floorline-state"
+    b = config.broker
+    if b.password_file is not None:
+        b.password_file = rel(b.password_file) or b.password_file
+    if b.tls is not None:
+        b.tls.ca_file = rel(b.tls.ca_file) or b.tls.ca_file
+        b.tls.cert_file = rel(b.tls.cert_file) or b.tls.cert_file
+        b.tls.key_file = rel(b.tls.key_file) or b.tls.key_file
+    def rel_keys(entries: list[str]) -> list[str]:
+        # An entry is a key file (relative to the config) or an inline base64 key.
+        return [str(base / k) if not Path(k).is_absolute() and (base / k).exists() else k
+                for k in entries]
+
+    config.trust.trusted_keys = rel_keys(config.trust.trusted_keys)
+    config.fleet.operator_keys = rel_keys(config.fleet.operator_keys)
+    return config
+
+
+def parse_config(text: str, origin: str = "<config>", base: Path | None = None) -> Config:
+    """Parse and validate YAML TEXT; errors name ORIGIN and the line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}" if mark is not None else origin
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: a config must be a YAML mapping")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors()[:10]:
+            loc = tuple(err["loc"])
+            line = _line_of(node, loc)
+            where = f"{origin}:{line}" if line else origin
+            dotted = ".".join(str(p) for p in loc) or "(top level)"
+            lines.append(f"{where}: {dotted}: {err['msg']}")
+        more = len(exc.errors()) - 10
+        tail = f"\n  … and {more} more" if more > 0 else ""
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines) + tail) from exc
+    return _resolve_paths(config, base) if base is not None else config
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; relative paths inside are relative to its directory."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    return parse_config(text, str(path), base=path.resolve().parent)

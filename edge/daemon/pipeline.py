@@ -1,0 +1,326 @@
+"""One pipeline at run time: a bounded inbox and a worker thread that runs every stage.
+
+The worker decodes, windows, batches, infers, encodes and publishes. It owns every stage object,
+so none needs a lock. Paho's thread touches only ``offer`` (an enqueue and two counters). A bad
+message is dead-lettered with a bounded reason and never stops the worker; a failed inference
+fails each window of its batch visibly, the same way.
+
+Acknowledgements (``ack: durable``): a message is released for acknowledgement only when what it
+contributed is safe. The worker holds the messages it processed until no window is waiting in
+the batcher (every window so far is predicted and its prediction committed to the outbox), then
+saves the touched assets' partial windows to the journal and releases the messages, in arrival
+order. Releases therefore lag by at most ``max_wait_ms`` plus one inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from floorline.edge.bundle.selftest import LoadedModel
+from floorline.edge.config.model import LimitsConfig, PipelineConfig, TopicsConfig
+from floorline.edge.daemon.inbox import Inbox
+from floorline.edge.daemon.journal import WindowJournal
+from floorline.edge.decoders.base import make_decoder
+from floorline.edge.errors import BackendError, DecodeError
+from floorline.edge.stream.batch import Batcher
+from floorline.edge.stream.encode import PredictionEncoder, dead_letter
+from floorline.edge.stream.normalization import normalize
+from floorline.edge.stream.window import Window, Windower
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[[Sequence[tuple[str, bytes, int, bool]]], None]
+"""Hand (topic, payload, qos, retain) messages to the publisher (outbox for QoS ≥ 1)."""
+
+Token = tuple[int, int] | None
+"""(mid, qos) of a message awaiting acknowledgement, or None when nothing is owed."""
+
+Release = Callable[[list[tuple[int, int]]], None]
+
+_POLL_S = 0.1
+_ITEM_OVERHEAD = 128  # bytes counted per queued message besides its payload
+_RUN = 64  # messages the worker takes from its inbox at once
+_SETTLE_EVERY = 256  # messages; bounds how many a worker holds unacknowledged in a busy stream
+
+
+def _queued_bytes(item: tuple[str, bytes, float, Token]) -> int:
+    # The payload plus what holding it costs (its tuple, the bytes object's header), roughly.
+    return len(item[1]) + _ITEM_OVERHEAD
+
+
+class Pipeline:
+    """A configured stream from subscriptions to predictions."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        gateway: str,
+        topics: TopicsConfig,
+        limits: LimitsConfig,
+        model: LoadedModel,
+        submit: Submit,
+        release: Release | None = None,
+        journal: WindowJournal | None = None,
+        restore: bool = True,
+        observe: Callable[[str, int, float, list[float]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.model = model
+        manifest = model.bundle.manifest
+        self._spec = manifest.input
+        self._flat_input = len(self._spec.shape) == 2
+        self._submit = submit
+        self._observe = observe
+        self._release = release
+        self._durable = config.ack == "durable"
+        self.durable = self._durable
+        self._journal = journal if self._durable else None
+        self._max_payload = limits.max_payload_bytes
+        self._drain_s = limits.drain_timeout_s
+        self._out_qos = config.output.qos
+        self._out_retain = config.output.retain
+        self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
+        # The byte bound is for `ack: receipt` pipelines. A durable one keeps the count bound
+        # alone: with MQTT 5 its count is the broker's receive maximum, so the broker holds
+        # what the inbox cannot, and a byte bound would drop (and so lose) acknowledged input.
+        self.inbox: Inbox[tuple[str, bytes, float, Token]] = Inbox(
+            limits.inbox_size, None if self._durable else limits.inbox_bytes, _queued_bytes
+        )
+        features = [f.name for f in self._spec.features]
+        self._decoder = make_decoder(config.decoder, features)
+        self._windower = Windower(self._spec.window, len(features), config.window)
+        self._batcher: Batcher[Window] = Batcher(
+            config.batch.max_batch, config.batch.max_wait_ms / 1000.0
+        )
+        self._encoder = PredictionEncoder(
+            gateway=gateway,
+            pipeline=config.name,
+            manifest=manifest,
+            artifact=model.artifact,
+            topic_template=config.output.topic or topics.predictions,
+            labels=config.labels,
+            thresholds=config.thresholds,
+        )
+        self._segment = config.asset.topic_segment
+        self._assets: dict[str, str | None] = {}
+        self._held: list[tuple[int, int]] = []  # processed, not yet released (durable)
+        self._touched: set[str] = set()
+        # Written by paho's thread only: received, dropped_inbox_full. The rest by the worker.
+        self.counters: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._drain_all = False
+        self._thread = threading.Thread(target=self._run, name=f"pipeline-{self.name}", daemon=True)
+        if self._journal is not None and restore:
+            self._restore()
+
+    def _restore(self) -> None:
+        assert self._journal is not None  # noqa: S101
+        restored = sum(self._import(a, b) for a, b in self._journal.load(self.name).items())
+        if restored:
+            log.info("pipeline %s: restored %d assets' windows from the journal",
+                     self.name, restored)
+        self.counters["restored_assets"] = restored
+
+    def _import(self, asset: str, blob: bytes) -> bool:
+        try:
+            self._windower.import_state(asset, blob)
+        except ValueError:
+            # The bundle's window changed since: old buffers cannot continue.
+            log.warning("pipeline %s: journal state for %s no longer fits; dropped",
+                        self.name, asset)
+            return False
+        return True
+
+    # -- paho's thread ----------------------------------------------------------------------
+
+    def offer(self, topic: str, payload: bytes, received: float, token: Token) -> None:
+        """Enqueue a message; when the inbox is full, drop it and count (never block paho)."""
+        self.offer_many([(topic, payload, received, token)])
+
+    def offer_many(self, items: list[tuple[str, bytes, float, Token]]) -> None:
+        """Enqueue ITEMS in order; those the inbox cannot hold are dropped and counted."""
+        self.counters["received"] += len(items)
+        rest = self.inbox.put_many(items)
+        if rest:
+            self.counters["dropped_inbox_full"] += len(rest)
+            tokens = [token for *_, token in rest if token is not None]
+            if tokens and self._release is not None:
+                self._release(tokens)  # dropped by policy: holding them would stall the stream
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self, *, drain_all: bool = False) -> None:
+        """Finish queued messages (up to the drain timeout), flush the last batch, stop.
+
+        With DRAIN_ALL every queued message is processed whatever it takes (a generation switch:
+        nothing the old pipeline accepted may be left behind).
+        """
+        self._drain_all = drain_all
+        self._stop.set()
+        if not self._thread.is_alive():
+            return
+        self._thread.join(None if drain_all else self._drain_s + 2.0)
+        if self._thread.is_alive():
+            log.warning("pipeline %s did not drain within %.1fs", self.name, self._drain_s)
+
+    def is_alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread.is_alive()
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        deadline: float | None = None
+        while True:
+            if self._stop.is_set() and deadline is None:
+                deadline = time.monotonic() + self._drain_s
+            timeout = self._batcher.timeout()
+            wait = _POLL_S if timeout is None else min(timeout, _POLL_S)
+            # A run of messages at a time: the checks below are per run, not per message.
+            # Bounded, so a window that is due waits at most one run.
+            items = self.inbox.get_many(_RUN, timeout=wait)
+            if items:
+                held = self._held
+                for topic, payload, received, token in items:
+                    self._handle(topic, payload, received)
+                    if token is not None:
+                        held.append(token)
+                if self.inbox.empty() or len(held) >= _SETTLE_EVERY:
+                    self._settle()
+            elif deadline is not None:
+                break
+            due = self._batcher.take_due()
+            if due:
+                self._infer(due)
+                self._settle()
+            self.last_progress = time.monotonic()
+            if deadline is not None and not self._drain_all and time.monotonic() > deadline:
+                log.warning("pipeline %s: drain deadline reached, %d queued messages left",
+                            self.name, self.inbox.qsize())
+                break
+        rest = self._batcher.drain()
+        if rest:
+            self._infer(rest)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Release held messages once nothing they contributed can still be lost."""
+        if not self._held or len(self._batcher):
+            return  # windows still waiting for their batch: their messages are not safe yet
+        if self._journal is not None and self._touched:
+            states = {a: s for a in self._touched if (s := self._windower.export_state(a))}
+            if not self._journal.save(self.name, states):
+                self.counters["journal_errors"] += 1
+        self._touched.clear()
+        if self._release is not None:
+            self._release(self._held)
+        self.counters["released"] += len(self._held)
+        self._held = []
+
+    def adopt_windows(self, other: Pipeline) -> None:
+        """Continue OTHER's partial windows (a stopped pipeline with the same input)."""
+        for asset in other._windower.assets():
+            state = other._windower.export_state(asset)
+            if state is not None:
+                self._windower.import_state(asset, state)
+                self._touched.add(asset)
+
+    def _asset_of(self, topic: str) -> str | None:
+        if topic in self._assets:
+            return self._assets[topic]
+        asset = None
+        if self._segment is not None:
+            levels = topic.split("/")
+            try:
+                asset = levels[self._segment] or None
+            except IndexError:
+                asset = None
+        if len(self._assets) < 100_000:  # a cache, bounded against floods of distinct topics
+            self._assets[topic] = asset
+        return asset
+
+    def _handle(self, topic: str, payload: bytes, received: float) -> None:
+        size = len(payload)
+        if size > self._max_payload:
+            self._reject("too_large", topic, size, f"over {self._max_payload} bytes")
+            return
+        try:
+            samples = self._decoder.decode(payload)
+            asset = samples.asset if self._segment is None else self._asset_of(topic)
+            windows = self._windower.push(asset, samples, received) if asset else None
+        except DecodeError as exc:
+            self._reject(exc.reason, topic, size, exc.detail)
+            return
+        if windows is None or asset is None:
+            self._reject("bad_asset", topic, size, "no asset key in topic or payload")
+            return
+        self.counters["decoded"] += 1
+        if self._durable:
+            self._touched.add(asset)
+        for window in windows:
+            self.counters["windows"] += 1
+            batch = self._batcher.add(window)
+            if batch:
+                self._infer(batch)
+
+    def _infer(self, batch: list[Window]) -> None:
+        x = np.stack([w.values for w in batch])
+        if self._flat_input:
+            x = x.reshape(len(batch), -1)
+        x = normalize(x, self._spec)
+        start = time.perf_counter()
+        try:
+            out = self.model.backend.infer(x)
+        except BackendError as exc:
+            for w in batch:
+                self._reject("inference_failed", f"window:{w.asset}", 0, str(exc))
+            return
+        inference_ms = (time.perf_counter() - start) * 1e3
+        self.counters["batches"] += 1
+        self.counters["batched_windows"] += len(batch)
+        now = time.monotonic()
+        if self._observe is not None:
+            # Once per batch: metrics cost nothing per message.
+            self._observe(self.name, len(batch), inference_ms / 1e3,
+                          [now - w.received for w in batch])
+        payloads = self._encoder.encode_batch(batch, out, inference_ms=inference_ms, now=now)
+        topic, qos, retain = self._encoder.topic, self._out_qos, self._out_retain
+        messages = [
+            (topic(window.asset), payload, qos, retain)
+            for window, payload in zip(batch, payloads, strict=True)
+        ]
+        # One outbox transaction for the whole batch: committed before anything is released.
+        self._submit(messages)
+        self.counters["predictions"] += len(messages)
+
+    def _reject(self, reason: str, topic: str, size: int, detail: str) -> None:
+        self.dead_letters[reason] += 1
+        log.debug("pipeline %s: dead letter %s from %s (%d bytes)", self.name, reason, topic, size)
+        report = dead_letter(self.name, reason, topic, size, detail)
+        self._submit([(self._dlq_topic, report, 0, False)])
+
+    def stats(self) -> dict[str, object]:
+        """Counters for state reports and tests."""
+        pending = self._windower.pending()
+        return {
+            **self.counters,
+            "dead_letters": dict(self.dead_letters),
+            "queued": self.inbox.qsize(),
+            "pending_samples": sum(pending.values()),
+            "window_resets": dict(self._windower.resets),
+            "duplicates": self._windower.duplicates,
+        }

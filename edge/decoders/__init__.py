@@ -1,0 +1,1 @@
+"""Decoders: payload bytes to samples, one plugin per wire format."""

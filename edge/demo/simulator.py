@@ -1,0 +1,256 @@
+"""A synthetic plant: N rotating assets publishing 3-axis vibration and temperature over MQTT.
+
+It uses the same physics (``floorline.edge.demo.signals``) as the example model's training data, so
+the example
+bundle recognises its faults. Faults can be scheduled per asset: the severity ramps from 0 to the
+target over a ramp time, as a real defect grows.
+
+Time: the accelerometer is sampled at 1 kHz of *simulated* time; ``rate`` samples per second of
+wall time are published per asset. Timestamps in messages are simulated time, so windows and gap
+detection see a continuous 1 kHz signal whatever the publishing rate.
+
+Message formats (topics ``plant/{line}/{asset}/vibration`` and ``.../temperature``):
+- sample/json: ``{"ts": 1.0e9, "seq": 17, "accel_x": 0.1, "accel_y": -0.2, "accel_z": 0.03}``
+- block/json:  ``{"samples": [{"ts": ..., "seq": ..., "accel_x": ...}, ...]}``
+- block/binary: ``<d ts><Q seq>`` then float32 little-endian rows (accel_x, accel_y, accel_z)
+- temperature: ``{"ts": ..., "temperature_c": 41.2}`` once per simulated second
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import orjson
+
+from floorline.edge.demo.signals import SAMPLE_RATE_HZ, AssetParams, AssetSignal, Condition
+
+Publish = Callable[[str, bytes], None]
+
+_TICK_S = 0.02
+_FAULT_SPEC = re.compile(
+    r"^(?P<asset>[^=]+)=(?P<condition>[a-z_]+)(?:@(?P<start>[\d.]+))?(?:\+(?P<ramp>[\d.]+))?"
+    r"(?::(?P<severity>[\d.]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault that appears on ASSET at START_S (wall seconds) and grows to SEVERITY over RAMP_S."""
+
+    asset: str
+    condition: Condition
+    start_s: float = 0.0
+    ramp_s: float = 0.0
+    severity: float = 1.0
+
+    def severity_at(self, elapsed: float) -> float:
+        """Severity at ELAPSED seconds since the simulation started (0 before the start)."""
+        if elapsed < self.start_s:
+            return 0.0
+        if self.ramp_s <= 0:
+            return self.severity
+        return self.severity * min(1.0, (elapsed - self.start_s) / self.ramp_s)
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """Parse 'ASSET=CONDITION[@START][+RAMP][:SEVERITY]', e.g. 'pump-03=imbalance@10+20'."""
+        m = _FAULT_SPEC.match(text.strip())
+        if not m:
+            raise ValueError(
+                f"fault {text!r}: expected ASSET=CONDITION[@START_S][+RAMP_S][:SEVERITY]"
+            )
+        try:
+            condition = Condition(m["condition"])
+        except ValueError:
+            names = ", ".join(c.value for c in Condition)
+            raise ValueError(f"fault {text!r}: unknown condition; choose {names}") from None
+        return cls(
+            asset=m["asset"],
+            condition=condition,
+            start_s=float(m["start"] or 0),
+            ramp_s=float(m["ramp"] or 0),
+            severity=min(1.0, float(m["severity"] or 1.0)),
+        )
+
+
+@dataclass
+class PlantConfig:
+    """What to simulate and how to publish it."""
+
+    assets: int = 8
+    line: str = "line1"
+    rate: float = 200.0
+    """Samples per wall-clock second per asset."""
+    mode: Literal["sample", "block"] = "sample"
+    fmt: Literal["json", "binary"] = "json"
+    block: int = 64
+    """Samples per block message."""
+    faults: list[Fault] = field(default_factory=list)
+    seed: int = 0
+    qos: int = 0
+    temperature: bool = True
+    start_time: float | None = None
+    """Simulated epoch time of the first sample; default: now."""
+
+    def asset_names(self) -> list[str]:
+        """pump-01, pump-02, ..."""
+        return [f"pump-{i + 1:02d}" for i in range(self.assets)]
+
+
+class _Asset:
+    def __init__(self, name: str, signal: AssetSignal, faults: list[Fault]) -> None:
+        self.name = name
+        self.signal = signal
+        self.faults = faults
+        self.sent = 0
+        self.pending: list[np.ndarray] = []
+        self.next_temperature = 0
+
+
+class PlantSimulator:
+    """Publishes the configured plant until stopped or a duration passes."""
+
+    def __init__(self, config: PlantConfig, publish: Publish) -> None:
+        if config.mode == "sample" and config.fmt == "binary":
+            raise ValueError("binary messages carry blocks: use mode 'block' with fmt 'binary'")
+        self.config = config
+        self._publish = publish
+        rng = np.random.default_rng(config.seed)
+        names = config.asset_names()
+        unknown = {f.asset for f in config.faults} - set(names)
+        if unknown:
+            raise ValueError(f"faults name unknown assets {sorted(unknown)}; assets are {names}")
+        self._assets = [
+            _Asset(
+                name,
+                AssetSignal(AssetParams.random(rng), np.random.default_rng(rng.integers(2**32))),
+                [f for f in config.faults if f.asset == name],
+            )
+            for name in names
+        ]
+        self._t0 = config.start_time if config.start_time is not None else time.time()
+        self.messages = 0
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask run() to return after the current tick."""
+        self._stop.set()
+
+    def condition_of(self, asset: str) -> tuple[str, float]:
+        """The condition and severity an asset has now (ground truth, for the demo)."""
+        for a in self._assets:
+            if a.name == asset:
+                return a.signal.condition.value, a.signal.severity
+        raise KeyError(asset)
+
+    def topic(self, asset: str, kind: str = "vibration") -> str:
+        """The topic an asset publishes KIND on."""
+        return f"plant/{self.config.line}/{asset}/{kind}"
+
+    def run(self, duration: float | None = None, max_samples: int | None = None) -> None:
+        """Publish in real time for DURATION seconds (None: until stop()).
+
+        With MAX_SAMPLES, stop once every asset has produced that many samples.
+        """
+        start = time.monotonic()
+        while not self._stop.is_set():
+            elapsed = time.monotonic() - start
+            if duration is not None and elapsed >= duration:
+                break
+            due = int(elapsed * self.config.rate) + 1
+            if max_samples is not None:
+                due = min(due, max_samples)
+            for asset in self._assets:
+                self._update_condition(asset, elapsed)
+                if due > asset.sent:
+                    self._emit(asset, due - asset.sent)
+            if max_samples is not None and all(a.sent >= max_samples for a in self._assets):
+                break
+            self._stop.wait(_TICK_S)
+        self.flush()
+
+    def step(self, samples: int) -> None:
+        """Produce SAMPLES more samples per asset immediately (no clock), for tests and benches."""
+        for asset in self._assets:
+            self._emit(asset, samples)
+
+    def flush(self) -> None:
+        """Publish partial blocks (block mode) so nothing generated is withheld."""
+        for asset in self._assets:
+            if asset.pending:
+                block = np.concatenate(asset.pending)
+                asset.pending = []
+                self._send_block(asset, asset.sent - len(block), block)
+
+    def _update_condition(self, asset: _Asset, elapsed: float) -> None:
+        active = [f for f in asset.faults if elapsed >= f.start_s]
+        if not active:
+            return
+        fault = active[-1]
+        severity = fault.severity_at(elapsed)
+        if (asset.signal.condition, asset.signal.severity) != (fault.condition, severity):
+            asset.signal.set_condition(fault.condition, severity)
+
+    def _emit(self, asset: _Asset, n: int) -> None:
+        first = asset.sent
+        values = asset.signal.next_block(n)
+        asset.sent += n
+        self.samples += n
+        if self.config.mode == "sample":
+            for i in range(n):
+                self._send_sample(asset, first + i, values[i])
+        else:
+            asset.pending.append(values)
+            held = sum(len(p) for p in asset.pending)
+            if held >= self.config.block:
+                block = np.concatenate(asset.pending)
+                base = asset.sent - len(block)  # sequence number of block[0]
+                cut = (len(block) // self.config.block) * self.config.block
+                asset.pending = [block[cut:]] if cut < len(block) else []
+                for i in range(0, cut, self.config.block):
+                    self._send_block(asset, base + i, block[i : i + self.config.block])
+        if self.config.temperature:
+            sim_seconds = int(asset.sent / SAMPLE_RATE_HZ)
+            while asset.next_temperature <= sim_seconds:
+                payload = {
+                    "ts": self._t0 + asset.next_temperature,
+                    "temperature_c": round(asset.signal.temperature_c(), 3),
+                }
+                self._publish(self.topic(asset.name, "temperature"), orjson.dumps(payload))
+                asset.next_temperature += 1
+
+    def _ts(self, seq: int) -> float:
+        return self._t0 + seq / SAMPLE_RATE_HZ
+
+    def _send_sample(self, asset: _Asset, seq: int, row: np.ndarray) -> None:
+        x, y, z = row.tolist()
+        payload = orjson.dumps(
+            {"ts": self._ts(seq), "seq": seq, "accel_x": x, "accel_y": y, "accel_z": z}
+        )
+        self._publish(self.topic(asset.name), payload)
+        self.messages += 1
+
+    def _send_block(self, asset: _Asset, first: int, block: np.ndarray) -> None:
+        if self.config.fmt == "binary":
+            payload = struct.pack("<dQ", self._ts(first), first) + block.astype("<f4").tobytes()
+        else:
+            rows = block.tolist()
+            payload = orjson.dumps(
+                {
+                    "samples": [
+                        {"ts": self._ts(first + i), "seq": first + i,
+                         "accel_x": r[0], "accel_y": r[1], "accel_z": r[2]}
+                        for i, r in enumerate(rows)
+                    ]
+                }
+            )
+        self._publish(self.topic(asset.name), payload)
+        self.messages += 1

@@ -1,0 +1,1 @@
+"""Fleet management over MQTT: signed envelopes, the gateway's agent, the operator's commands."""

@@ -1,0 +1,1 @@
+"""Running as a service: systemd notify and watchdog, metrics, logs, installation, ``run``."""
