@@ -8,6 +8,7 @@ import pytest
 
 from floorline.edge.config.model import load_config, parse_config
 from floorline.edge.errors import ConfigError
+from floorline.edge.resources import models_dir
 
 PIPELINE = """
 pipelines:
@@ -135,3 +136,22 @@ def test_a_config_that_is_not_a_mapping_is_refused(tmp_path):
         parse_config("- just\n- a list\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(Path(tmp_path / "missing.yaml"))
+
+
+def test_example_bundle_reference_is_the_bundle_shipped_with_floorline(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(cfg(pipelines=PIPELINE.replace("models/pdm", "example:pdm-classifier")))
+    bundle = load_config(path).pipelines[0].bundle
+    assert bundle == models_dir() / "pdm-classifier"
+    assert (bundle / "manifest.json").is_file()
+
+
+def test_unknown_example_bundle_is_a_config_error_naming_the_shipped_ones(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(cfg(pipelines=PIPELINE.replace("models/pdm", "example:pdm-classifer")))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}:6: pipelines.0.bundle: no example bundle 'pdm-classifer'; "
+        "shipped: example:pdm-classifier"
+    )

@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from floorline.edge.decoders import base as decode_module
-from floorline.edge.stream import window as window_module
-from floorline.edge.decoders.base import (
+from floorline.edge import decoders
+from floorline.edge.decoders import (
     REASONS,
     BinaryDecoder,
     BinaryDecoderConfig,
@@ -30,6 +29,7 @@ from floorline.edge.decoders.base import (
     make_decoder,
 )
 from floorline.edge.errors import ConfigError, DecodeError
+from floorline.edge.stream import window as window_module
 
 FEATURES = ["ax", "ay", "az"]
 
@@ -444,8 +444,10 @@ def test_asset_names() -> None:
 
 def test_every_reason_raised_in_the_stages_is_declared() -> None:
     used: set[str] = set()
-    for module in (decode_module, window_module):
-        source = Path(str(module.__file__)).read_text(encoding="utf-8")
+    stages = [Path(str(window_module.__file__))]
+    stages += Path(str(decoders.__file__)).parent.glob("*.py")  # every decoder plugin
+    for path in stages:
+        source = path.read_text(encoding="utf-8")
         used |= set(re.findall(r'DecodeError\(\s*"(\w+)"', source))
     assert used
     assert used <= REASONS

@@ -1,7 +1,8 @@
 """The gateway side in the environments a gateway really has, without TensorFlow.
 
 ``scripts/bootstrap`` builds two virtual environments beside the development one:
-- ``.venv-edge``: ``pip install 'floorline[litert,onnx]'`` (numpy 2, ai-edge-litert, onnxruntime);
+- ``.venv-edge``: ``pip install 'floorline[litert,onnx,demo,metrics]'`` (numpy 2,
+  ai-edge-litert, onnxruntime);
 - ``.venv-tflite``: ``pip install 'floorline[tflite]'`` (tflite-runtime 2.14, which needs numpy<2).
 ``make test`` points FLOORLINE_EDGE_PYTHON and FLOORLINE_TFLITE_PYTHON at them. Without those
 variables these tests skip, except in CI (CI=true), where a missing environment is a failure.

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from floorline.edge.daemon.inbox import Inbox
+from floorline.edge.messages import Inbound
 
 
 def test_fifo_bound_and_timeouts():
@@ -103,6 +104,6 @@ pipelines:
                         release=lambda _: None, restore=False)
     # Ten messages of 872 + 128 bytes: four fit in 4096 bytes (the worker is not started).
     token = (1, 1) if ack == "durable" else None
-    pipeline.offer_many([("plant/a/vibration", b"x" * 872, 0.0, token)] * 10)
+    pipeline.offer_many([Inbound("plant/a/vibration", b"x" * 872, 0.0, token)] * 10)
     assert pipeline.counters["dropped_inbox_full"] == dropped
     assert pipeline.inbox.qsize() == 10 - dropped

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from floorline.edge.config.model import parse_config
 from floorline.edge.daemon.daemon import Daemon
 from floorline.edge.errors import FloorlineError
+from floorline.edge.messages import Inbound
 from floorline.edge.service.metrics import (
     METRIC_NAMES,
     BundleInfo,
@@ -322,7 +323,7 @@ def test_real_daemon_stats_feed_the_collector(tmp_path: Path) -> None:
     daemon = Daemon(config)
     daemon.load()
     try:
-        daemon.pipelines[0].offer("plant/line1/pump-01/vibration", b"{}", 0.0, None)
+        daemon.pipelines[0].offer(Inbound("plant/line1/pump-01/vibration", b"{}", 0.0))
         s = {}
         text_out = prometheus_client.generate_latest(Metrics(daemon.stats).registry).decode()
         for family in text_string_to_metric_families(text_out):

@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from floorline.edge.messages import Inbound
 from tests.daemon_harness import asset_samples, config_text, sample_payload, vibration_pipeline
 from tests.mqtt_broker import free_port, wait_until
 
@@ -102,11 +103,11 @@ def test_watchdog_pings_stop_when_a_worker_stalls(mosquitto, unique_topic, tmp_p
             notify.collect("WATCHDOG=1", timeout=5)
             worker = daemon.pipelines[0]
             # Freeze progress with work queued: exactly what a hung inference looks like.
-            worker.inbox.put(("x", b"{}", 0.0, None))
+            worker.inbox.put(Inbound("x", b"{}", 0.0))
             worker.last_progress = time.monotonic() - 10
             real = worker._handle
             worker._handle = lambda *_: time.sleep(3)  # type: ignore[method-assign]
-            worker.inbox.put(("x", b"{}", 0.0, None))
+            worker.inbox.put(Inbound("x", b"{}", 0.0))
             time.sleep(0.5)  # let the worker enter the hang
             notify.messages.clear()
             time.sleep(1.2)  # absence over three ping periods can only be checked by waiting

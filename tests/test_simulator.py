@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from floorline.edge.decoders.base import BinaryDecoderConfig, JsonDecoderConfig, make_decoder
+from floorline.edge.decoders import BinaryDecoderConfig, JsonDecoderConfig, make_decoder
 from floorline.edge.demo.signals import Condition
-from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator
+from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator, Truth
 
 FEATURES = ["accel_x", "accel_y", "accel_z"]
 
@@ -79,3 +79,30 @@ def test_faults_on_unknown_assets_and_binary_samples_are_refused():
                        lambda *_: None)
     with pytest.raises(ValueError, match="binary"):
         PlantSimulator(PlantConfig(mode="sample", fmt="binary"), lambda *_: None)
+
+
+def test_fault_spec_round_trips_through_parse():
+    for text in ["pump-01=imbalance@0.6+1.8", "pump-03=looseness@10+0:0.5"]:
+        assert Fault.parse(text).spec() == text
+
+
+def test_the_truth_of_every_sample_is_kept_as_the_fault_ramps():
+    sent: list[tuple[str, bytes]] = []
+    plant = PlantConfig(assets=2, rate=1000.0, temperature=False,
+                        faults=[Fault.parse("pump-02=looseness@0+0.2")])
+    sim = PlantSimulator(plant, lambda t, p: sent.append((t, p)))
+    sim.run(max_samples=400)  # paced at 1000 samples/s: the 0.2 s ramp ends half-way
+    ramp = [sim.truth_at("pump-02", n) for n in range(400)]
+    assert {t.condition for t in ramp} == {Condition.LOOSENESS}
+    assert ramp[0].severity < 0.05  # the first tick comes a moment after the fault's start
+    assert ramp[0].ramping
+    severities = [t.severity for t in ramp]
+    assert severities == sorted(severities)
+    assert (ramp[-1].severity, ramp[-1].ramping) == (1.0, False)
+    assert sim.truth_at("pump-01", 399) == Truth(Condition.HEALTHY, 0.0, ramping=False)
+    # Message timestamps lead back to the sample numbers the truth is kept by.
+    decoder = make_decoder(JsonDecoderConfig(timestamp="ts", sequence="seq"), FEATURES)
+    for _, payload in sent[::37]:
+        samples = decoder.decode(payload)
+        assert samples.timestamps is not None
+        assert sim.sample_index(float(samples.timestamps[0])) == samples.first_seq

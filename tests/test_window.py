@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from floorline.edge.decoders.base import Samples
+from floorline.edge.decoders import Samples
 from floorline.edge.errors import ConfigError, DecodeError
 from floorline.edge.stream.window import RESET_CAUSES, Window, WindowConfig, Windower
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -105,3 +106,27 @@ def file_must_exist(path: Path) -> None:
     """A clear error instead of a runtime's own message for a missing file."""
     if not path.is_file():
         raise BackendError(f"{path}: artifact file not found")
+
+
+@dataclass(frozen=True)
+class BackendPlugin:
+    """What a backend module declares as ``PLUGIN`` (see :mod:`floorline.edge.plugins`).
+
+    Backend modules import their runtime only when an artifact is loaded, so finding the plugins
+    imports no runtime.
+    """
+
+    type: str
+    """The name configs use: ``backend: litert``."""
+    factory: Callable[[Path, BackendOptions], Backend]
+    """Loads an artifact; the runtime is imported here, never at module import."""
+    format: str
+    """The artifact format it runs (the manifest's ``format``)."""
+    extra: str
+    """The pip extra that installs the runtime: ``pip install 'floorline[EXTRA]'``."""
+    runtimes: tuple[str, ...]
+    """Top-level modules any one of which provides the runtime (as the factory would look)."""
+    rank: int
+    """Preference of ``backend: auto``, lowest first."""
+    interpreter_option: bool = False
+    """Whether ``BackendOptions.interpreter``, when not "auto", names the one module to use."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from floorline.edge.backends.base import (
     BackendOptions,
+    BackendPlugin,
     FloatArray,
     QuantParams,
     TensorSpec,
@@ -129,3 +130,14 @@ class LiteRTBackend:
     def close(self) -> None:
         """See Backend.close."""
         self._interp = None
+
+
+PLUGIN = BackendPlugin(
+    type="litert",
+    factory=LiteRTBackend,
+    format="tflite",
+    extra="litert",
+    runtimes=_AUTO,
+    rank=0,
+    interpreter_option=True,
+)

@@ -9,6 +9,7 @@ import numpy as np
 
 from floorline.edge.backends.base import (
     BackendOptions,
+    BackendPlugin,
     FloatArray,
     TensorSpec,
     check_batch,
@@ -80,3 +81,8 @@ class OnnxBackend:
     def close(self) -> None:
         """See Backend.close."""
         self._session = None
+
+
+PLUGIN = BackendPlugin(
+    type="onnx", factory=OnnxBackend, format="onnx", extra="onnx", runtimes=("onnxruntime",), rank=1
+)

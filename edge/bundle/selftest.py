@@ -17,7 +17,10 @@ from floorline.edge import backends
 from floorline.edge.backends import Backend, BackendOptions
 from floorline.edge.bundle.bundle import Bundle
 from floorline.edge.bundle.manifest import Artifact, Task
-from floorline.edge.errors import BundleError, SelfTestError
+from floorline.edge.errors import BackendError, BundleError, RuntimeMissingError, SelfTestError
+
+AUTO_PREFER: tuple[str, ...] = ("litert", "onnx")
+"""The backends ``backend: auto`` tries, in order (see ``auto_order``)."""
 
 
 @dataclass(frozen=True)
@@ -86,30 +89,83 @@ class LoadedModel:
     selftest: SelfTestReport
 
 
+def auto_order(bundle: Bundle, prefer: tuple[str, ...] = AUTO_PREFER) -> list[tuple[Artifact, str]]:
+    """Every (artifact, backend) pair ``backend: auto`` considers, best first.
+
+    The order: backends as in PREFER (LiteRT, then ONNX Runtime); for one backend, float32
+    artifacts before quantized ones (they reproduce the source model most closely); then manifest
+    order. Artifacts no backend in PREFER runs are left out.
+    """
+    ranked = []
+    for index, art in enumerate(bundle.manifest.artifacts):
+        for rank, name in enumerate(prefer):
+            info = backends.BACKENDS.get(name)
+            if info is not None and info.format == art.format:
+                ranked.append(((rank, art.quantization != "float32", index), art, name))
+                break
+    return [(art, name) for _, art, name in sorted(ranked, key=lambda r: r[0])]
+
+
+def choose_auto(
+    bundle: Bundle,
+    prefer: tuple[str, ...] = AUTO_PREFER,
+    options: BackendOptions | None = None,
+) -> tuple[Artifact, str]:
+    """The first of ``auto_order`` whose runtime is installed, or RuntimeMissingError.
+
+    The error names the extras that would make one of the bundle's artifacts runnable.
+    """
+    pairs = auto_order(bundle, prefer)
+    for art, name in pairs:
+        if backends.installed(name, options):
+            return art, name
+    if not pairs:
+        formats = ", ".join(sorted({a.format for a in bundle.manifest.artifacts}))
+        raise BackendError(
+            f"bundle {bundle.manifest.name}: no backend of {', '.join(prefer)} runs its "
+            f"artifacts ({formats})"
+        )
+    runs = {name: [a.file for a, n in pairs if n == name] for _, name in pairs}
+    which = "; ".join(f"{name} runs {', '.join(files)}" for name, files in runs.items())
+    hints = " or ".join(f"'floorline[{backends.BACKENDS[n].extra}]'" for n in runs)
+    raise RuntimeMissingError(
+        f"bundle {bundle.manifest.name}: no runtime for its artifacts is installed ({which}): "
+        f"pip install {hints}"
+    )
+
+
 def load(
     bundle: Bundle,
     *,
     backend: str | None = None,
     artifact: str | None = None,
-    prefer: tuple[str, ...] = ("litert", "onnx"),
+    prefer: tuple[str, ...] = AUTO_PREFER,
     options: BackendOptions | None = None,
 ) -> LoadedModel:
     """Pick an artifact and backend, load it, and pass the golden self-test or raise.
 
-    With neither BACKEND nor ARTIFACT given, the first artifact (in manifest order) that a
-    preferred backend runs is used. The self-test doubles as warm-up: the first inference
-    allocates the runtime's buffers, so it should not happen on live data.
+    With neither BACKEND nor ARTIFACT given (``backend: auto``), the first artifact of
+    ``auto_order`` whose runtime is installed is used (``choose_auto``). A named BACKEND or
+    ARTIFACT is used as named: a missing runtime raises RuntimeMissingError, and an artifact the
+    backend cannot run raises BackendError saying so. The self-test doubles as warm-up: the
+    first inference allocates the runtime's buffers, so it should not happen on live data.
     """
     if artifact is not None:
         chosen = bundle.artifact(artifact)
+        name = backend or backends.backend_for_format(chosen.format, prefer)
     elif backend is not None:
         fmt = backends.BACKENDS[backend].format if backend in backends.BACKENDS else None
         chosen = bundle.artifact(fmt=fmt) if fmt else bundle.artifact()
+        name = backend
     else:
-        formats = [backends.BACKENDS[n].format for n in prefer if n in backends.BACKENDS]
-        candidates = [a for f in formats for a in bundle.manifest.artifacts if a.format == f]
-        chosen = candidates[0] if candidates else bundle.artifact()
-    name = backend or backends.backend_for_format(chosen.format, prefer)
+        chosen, name = choose_auto(bundle, prefer, options)
+    info = backends.BACKENDS.get(name)
+    if info is not None and info.format != chosen.format:
+        # Caught here: the runtime's own complaint would be a parse error about the file.
+        raise BackendError(
+            f"artifact {chosen.file} is {chosen.format}; backend {name} runs {info.format} "
+            "artifacts"
+        )
     instance = backends.create(name, Path(bundle.artifact_path(chosen)), options)
     try:
         report = run(instance, bundle, chosen)

@@ -1,5 +1,7 @@
 """``floorline``: the gateway-side command line.
 
+    floorline init PATH [--broker HOST:PORT]    write a starter config on the example bundle
+    floorline examples                          the shipped example configs and bundles
     floorline run --config FILE                 the daemon
     floorline check --config FILE               validate a config, verify and self-test its bundles
     floorline demo [--duration S]               broker + simulated plant + daemon + live table
@@ -35,6 +37,7 @@ def _open(args: argparse.Namespace) -> object:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
+    from floorline.edge import backends  # noqa: PLC0415
     from floorline.edge.bundle import selftest  # noqa: PLC0415
     from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
 
@@ -59,8 +62,18 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
             print(f"floorline: error: no artifact in the bundle runs on {args.backend}",
                   file=sys.stderr)
             return 1
-        failures = 0
+        failures = passed = 0
+        missing: list[str] = []
         for file in files:
+            if not (args.artifact or args.backend):
+                # Testing everything: an artifact this gateway has no runtime for is skipped.
+                # One named on the command line is run, and fails if its runtime is missing.
+                name = backends.backend_for_format(bundle.artifact(file).format)
+                if not backends.installed(name, options):
+                    hint = backends.install_hint(name)
+                    missing.append(hint)
+                    print(f"  {file:<22} skipped: no runtime ({hint})")
+                    continue
             try:
                 loaded = selftest.load(
                     bundle, artifact=file, backend=args.backend, options=options
@@ -75,10 +88,16 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
                 "" if rep.top1_agreement_source is None
                 else f", top-1 vs source {rep.top1_agreement_source:.0%}"
             )
+            passed += 1
             print(
                 f"  {file:<22} ok    {rep.runtime}: max err {rep.max_abs_error:.2e} "
                 f"(allowed {rep.atol:.0e}) on {rep.samples} golden inputs{agree}"
             )
+        if not failures and not passed:
+            hints = " or ".join(dict.fromkeys(h.removeprefix("pip install ") for h in missing))
+            print(f"floorline: error: no artifact could run: no runtime for any of them is "
+                  f"installed; pip install {hints}", file=sys.stderr)
+            return 1
         return 1 if failures else 0
 
 
@@ -143,7 +162,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
               f"(key id {key_id(load_public_key(public))}); add {public.name} to the gateways' "
               "fleet.operator_keys (and trust.trusted_keys to accept bundles you sign)")
         return 0
-    broker = fleet_cli._broker(args.broker, args.protocol)  # noqa: SLF001
+    broker = fleet_cli.broker_config(args.broker, args.protocol)
     if args.fleet_command == "push":
         target = {"gateway": args.gateway} if args.gateway else {"group": args.group}
         fleet_cli.push(target=target, config_file=args.config, bundles=args.bundle or [],
@@ -173,7 +192,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from floorline.edge.config.model import load_config  # noqa: PLC0415
-    from floorline.edge.daemon.daemon import load_model  # noqa: PLC0415
+    from floorline.edge.daemon.models import load_model  # noqa: PLC0415
 
     config = load_config(args.config)
     print(f"{args.config}: valid config for gateway {config.gateway.id}, "
@@ -220,7 +239,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-
     from floorline.edge.config.model import BrokerConfig  # noqa: PLC0415
     from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator  # noqa: PLC0415
     from floorline.edge.mqtt.transport import MqttTransport  # noqa: PLC0415
@@ -252,6 +270,41 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         transport.stop()
     print(f"published {sim.messages} messages ({sim.samples} samples)")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from floorline.edge.config import starter  # noqa: PLC0415
+
+    made = starter.render(args.path, gateway_id=args.gateway_id, broker=args.broker)
+    starter.write(made, args.path, force=args.force)
+    print(f"wrote {args.path}: gateway {made.gateway_id}, broker {made.host}:{made.port}, "
+          f"pipeline vibration on example:pdm-classifier, backend {made.backend}")
+    if made.backend == "auto":
+        print("  no runtime is installed yet: pip install 'floorline[litert]' "
+              "(or 'floorline[onnx]')")
+    print(f"next:\n  floorline check --config {args.path}\n  floorline run --config {args.path}")
+    return 0
+
+
+def _cmd_examples(args: argparse.Namespace) -> int:
+    import re  # noqa: PLC0415
+
+    from floorline.edge import resources  # noqa: PLC0415
+
+    del args
+    print("example configs (copy one, then edit it):")
+    for path in resources.example_configs():
+        first = path.read_text().splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        about = re.split(r"[.;](?:\s|$)", about)[0]  # the first sentence is enough for a list
+        print(f"  {path.name:<24} {path}")
+        if about:
+            print(f"  {'':<24} {about}")
+    print(f"config schema:\n  {resources.examples_dir() / 'config.schema.json'}")
+    print("example bundles (in a config: bundle: example:NAME):")
+    for name in resources.example_bundles():
+        print(f"  {resources.EXAMPLE_PREFIX + name:<24} {resources.models_dir() / name}")
     return 0
 
 
@@ -327,16 +380,27 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("--config", type=Path, required=True, help="the daemon's YAML config")
     chk = sub.add_parser("check", help="validate a config and self-test its bundles")
     chk.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    ini = sub.add_parser("init", help="write a starter config that runs the example bundle")
+    ini.add_argument("path", type=Path, help="config file to write, e.g. gateway.yaml")
+    ini.add_argument("--gateway-id", help="gateway id (default: this host's name)")
+    ini.add_argument("--broker", default="localhost:1883",
+                     help="MQTT broker HOST:PORT (localhost:1883)")
+    ini.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sub.add_parser("examples", help="list the shipped example configs and bundles, with paths")
     demo = sub.add_parser("demo", help="simulated plant + daemon + live predictions")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    demo.add_argument("--duration", type=float, default=60.0,
+                      help="seconds (default 60); the default faults are spread over it")
     demo.add_argument("--assets", type=int, default=8, help="pumps to simulate (8)")
     demo.add_argument("--rate", type=float, default=200.0, help="samples/s per pump (200)")
     demo.add_argument("--fault", action="append",
-                      help="ASSET=CONDITION[@START_S][+RAMP_S] (repeat); default: three faults")
+                      help="ASSET=CONDITION[@START_S][+RAMP_S][:SEVERITY] (repeat); default: "
+                      "imbalance on pump-02, bearing_outer_race on pump-04, looseness on pump-06, "
+                      "starting at 10, 25 and 40%% of --duration, each growing over 30%% of it")
     demo.add_argument("--host", default="localhost", help="broker to try first (localhost)")
     demo.add_argument("--port", type=int, default=1883)
     demo.add_argument("--metrics-port", type=int,
-                      help="also serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)")
+                      help="also serve Prometheus metrics on 127.0.0.1:PORT (0: any free port); "
+                      "needs pip install 'floorline[metrics]'")
     sim = sub.add_parser("simulate", help="publish a synthetic plant to a broker")
     sim.add_argument("--broker", default="localhost:1883", help="HOST:PORT (localhost:1883)")
     sim.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
@@ -346,7 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--mode", choices=("sample", "block"), default="sample")
     sim.add_argument("--format", choices=("json", "binary"), default="json")
     sim.add_argument("--block", type=int, default=64, help="samples per block message")
-    sim.add_argument("--fault", action="append", help="ASSET=CONDITION[@START_S][+RAMP_S]")
+    sim.add_argument("--fault", action="append",
+                     help="ASSET=CONDITION[@START_S][+RAMP_S][:SEVERITY] (repeat)")
     sim.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--qos", type=int, choices=(0, 1), default=0)
@@ -368,6 +433,8 @@ def _parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "run": _cmd_run,
     "check": _cmd_check,
+    "init": _cmd_init,
+    "examples": _cmd_examples,
     "reload": _cmd_reload,
     "fleet": _cmd_fleet,
     "install-service": _cmd_install,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,9 +23,12 @@ from pydantic import (
     model_validator,
 )
 
-from floorline.edge.decoders.base import DecoderConfig
+from floorline.edge.backends import BACKENDS
+from floorline.edge.decoders import DecoderConfig
 from floorline.edge.delivery.outbox import OutboxConfig
 from floorline.edge.errors import ConfigError
+from floorline.edge.outputs import MqttOutputConfig, OutputConfig
+from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 from floorline.edge.service.metrics import MetricsConfig
 from floorline.edge.stream.batch import BatchConfig
 from floorline.edge.stream.window import WindowConfig
@@ -195,12 +198,11 @@ class AssetConfig(_Strict):
         return self
 
 
-class OutputConfig(_Strict):
-    """How predictions are published."""
-
-    topic: str | None = Field(default=None, description="Template; default topics.predictions.")
-    qos: Literal[0, 1, 2] = Field(default=1, description="QoS of prediction messages.")
-    retain: bool = Field(default=False, description="Retain the latest prediction per topic.")
+if TYPE_CHECKING:
+    BackendName = str
+else:  # the backend plugins (edge/backends/), so the schema lists what this install has
+    _BACKEND_NAMES = ("auto", *BACKENDS)
+    BackendName = Literal[_BACKEND_NAMES]
 
 
 class PipelineConfig(_Strict):
@@ -209,10 +211,15 @@ class PipelineConfig(_Strict):
     name: Name = Field(description="Pipeline name, used in topics and metrics.")
     subscribe: list[str] = Field(min_length=1, description="MQTT topic filters to subscribe to.")
     qos: Literal[0, 1, 2] = Field(default=1, description="Subscription QoS.")
-    bundle: Path = Field(description="Bundle directory or .tar (relative to this file).")
+    bundle: Path = Field(
+        description="Bundle directory or .tar (relative to this file), or example:NAME for a "
+        "bundle shipped with floorline (`floorline examples` lists them)."
+    )
     artifact: str | None = Field(default=None, description="Artifact file; default by backend.")
-    backend: Literal["auto", "litert", "onnx"] = Field(
-        default="auto", description="Runtime: auto prefers LiteRT for TFLite, else ONNX Runtime."
+    backend: BackendName = Field(
+        default="auto",
+        description="Runtime: auto takes the first artifact whose runtime is installed, TFLite on "
+        "LiteRT (float32 first), then ONNX Runtime; litert or onnx insist on one.",
     )
     interpreter: Literal["auto", "ai_edge_litert", "tflite_runtime"] = Field(
         default="auto", description="TFLite interpreter module for the litert backend."
@@ -222,7 +229,10 @@ class PipelineConfig(_Strict):
     asset: AssetConfig = Field(default_factory=AssetConfig)
     window: WindowConfig = Field(default_factory=WindowConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    output: OutputConfig = Field(
+        default_factory=MqttOutputConfig,
+        description="Where predictions go; `type` selects the output (default mqtt).",
+    )
     ack: Literal["receipt", "durable"] = Field(
         default="receipt",
         description="When input is acknowledged to the broker. receipt: on arrival (a crash "
@@ -239,14 +249,6 @@ class PipelineConfig(_Strict):
     @classmethod
     def _filters(cls, value: list[str]) -> list[str]:
         return [_check_filter(v) for v in value]
-
-
-def _has_sequence(decoder: DecoderConfig) -> bool:
-    if decoder.type == "json":
-        return decoder.sequence is not None
-    if decoder.type == "binary":
-        return decoder.header == "timestamp_sequence"
-    return "sequence" in decoder.columns
 
 
 class LimitsConfig(_Strict):
@@ -367,7 +369,7 @@ class Config(_Strict):
             # Each requirement closes one way to lose or double-count input across a restart.
             if p.qos < 1:
                 raise ValueError(f"pipeline {p.name}: ack durable needs qos 1 or 2")
-            if not _has_sequence(p.decoder):
+            if not p.decoder.has_sequence():
                 raise ValueError(
                     f"pipeline {p.name}: ack durable needs sequence numbers in the input "
                     "(decoder sequence / header timestamp_sequence / a 'sequence' column) so "
@@ -433,12 +435,21 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
+def _resolve_paths(
+    config: Config, base: Path, origin: str = "<config>", node: yaml.Node | None = None
+) -> Config:
     def rel(path: Path | None) -> Path | None:
         return None if path is None or path.is_absolute() else base / path
 
-    for p in config.pipelines:
-        if not str(p.bundle).startswith("sha256:"):  # a store reference, not a path
+    for i, p in enumerate(config.pipelines):
+        if str(p.bundle).startswith(EXAMPLE_PREFIX):  # shipped with floorline, wherever installed
+            try:
+                p.bundle = example_bundle(str(p.bundle).removeprefix(EXAMPLE_PREFIX))
+            except ConfigError as exc:
+                line = _line_of(node, ("pipelines", i, "bundle"))
+                where = f"{origin}:{line}" if line else origin
+                raise ConfigError(f"{where}: pipelines.{i}.bundle: {exc}") from exc
+        elif not str(p.bundle).startswith("sha256:"):  # a store reference, not a path
             p.bundle = rel(p.bundle) or p.bundle
     config.state_dir = rel(config.state_dir) or config.state_dir
     if config.state_dir is None and not os.environ.get("STATE_DIRECTORY"):
@@ -484,7 +495,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         more = len(exc.errors()) - 10
         tail = f"\n  … and {more} more" if more > 0 else ""
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines) + tail) from exc
-    return _resolve_paths(config, base) if base is not None else config
+    return _resolve_paths(config, base, origin, node) if base is not None else config
 
 
 def load_config(path: Path) -> Config:

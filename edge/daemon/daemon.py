@@ -1,14 +1,18 @@
-"""The gateway daemon: loads every pipeline's bundle, connects, routes messages, reports state.
+"""The gateway daemon: wires the stages, connects, switches configurations, reports state.
 
 Start-up order matters: every bundle is verified and self-tested before the daemon connects, so a
 gateway with a bad bundle never announces itself online. Shutdown is the reverse: workers drain,
 the offline state is published, and only then does the connection close.
 
-A configuration runs as a *generation* of pipelines. ``apply`` builds the next generation beside
-the running one (bundles verified, self-tested), then switches atomically: incoming messages are
-held for the moment of the switch, the old workers finish every message they accepted, windows in
-progress move to the new pipelines when their input is unchanged, and the held messages go to the
-new generation. No message is processed by both generations or by neither.
+A configuration runs as a *generation* of pipelines (``generation``). ``apply`` builds the next
+generation beside the running one (bundles verified, self-tested), then switches atomically:
+incoming messages are held for the moment of the switch (``routing``), the old workers finish
+every message they accepted, windows in progress move to the new pipelines when their input is
+unchanged, and the held messages go to the new generation. No message is processed by both
+generations or by neither.
+
+Everything the gateway sends goes through ``send``: the publisher, its outbox for QoS ≥ 1, then
+the connection.
 """
 
 from __future__ import annotations
@@ -18,167 +22,28 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
-import orjson
-
-from floorline.edge import __version__
-from floorline.edge.backends import BackendOptions
-from floorline.edge.bundle import selftest
-from floorline.edge.bundle.bundle import Bundle
 from floorline.edge.bundle.store import BundleStore, parse_ref
-from floorline.edge.config.model import Config, PipelineConfig
+from floorline.edge.config.model import Config
+from floorline.edge.daemon.acks import AckTracker
+from floorline.edge.daemon.generation import ApplyResult, Generation, carry_over
 from floorline.edge.daemon.journal import WindowJournal
-from floorline.edge.daemon.pipeline import Pipeline, Token
+from floorline.edge.daemon.models import load_model
+from floorline.edge.daemon.pipeline import Pipeline
+from floorline.edge.daemon.routing import Handler, Router
+from floorline.edge.daemon.state import bundle_info, state_document
 from floorline.edge.delivery.outbox import Outbox
 from floorline.edge.delivery.publisher import Publisher
-from floorline.edge.errors import BundleError, FloorlineError
-from floorline.edge.mqtt.reader import Publish
-from floorline.edge.mqtt.topics import matches, shared_subscription_filter
+from floorline.edge.errors import FloorlineError
+from floorline.edge.messages import Outbound
 from floorline.edge.mqtt.transport import MqttTransport, SessionOptions, Will
 from floorline.edge.service.metrics import BundleInfo, Metrics
 from floorline.edge.stream.encode import dead_letter
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+__all__ = ["ApplyResult", "Daemon", "Generation"]
 
 log = logging.getLogger(__name__)
-
-_ROUTE_CACHE_LIMIT = 100_000
-_UNSEEN = object()
-
-
-def trusted_keys(config: Config) -> list[Ed25519PublicKey]:
-    """The public keys a config trusts, read from files or inline base64."""
-    if not config.trust.trusted_keys:
-        return []
-    # Imported only when keys are configured: cryptography costs ~8 MB of resident memory.
-    from floorline.edge.bundle.signing import load_public_keys  # noqa: PLC0415
-
-    return load_public_keys(config.trust.trusted_keys)
-
-
-def load_model(
-    config: Config, pipeline: PipelineConfig, store: BundleStore | None = None
-) -> selftest.LoadedModel:
-    """Open, verify and self-test a pipeline's bundle on its configured backend.
-
-    A bundle named ``sha256:<hex>`` comes from the fleet's bundle STORE and must be signed.
-    """
-    keys = trusted_keys(config)
-    path = Path(pipeline.bundle)
-    require = config.trust.require_signature
-    digest = parse_ref(str(pipeline.bundle))
-    if digest is not None:
-        if store is None or not store.has(digest):
-            raise BundleError(
-                f"pipeline {pipeline.name}: bundle {digest[:12]}… is not in the store"
-            )
-        path = store.path(digest)
-        store.touch(digest)
-        require = True  # what arrives over the network runs only if signed by a trusted key
-    try:
-        bundle = Bundle.open(path, trusted_keys=keys or None, require_signature=require)
-    except BundleError:
-        if digest is not None and store is not None:
-            store.discard(digest)  # arrived intact but does not verify: never try it again
-        raise
-    try:
-        return selftest.load(
-            bundle,
-            backend=None if pipeline.backend == "auto" else pipeline.backend,
-            artifact=pipeline.artifact,
-            options=BackendOptions(threads=pipeline.threads, interpreter=pipeline.interpreter),
-        )
-    except BaseException:
-        bundle.close()
-        raise
-
-
-class AckTracker:
-    """Acknowledges an input message once every durable pipeline it went to released it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holders: dict[int, int] = {}
-        self.transport: MqttTransport | None = None
-
-    def hold(self, mid: int, count: int) -> None:
-        """Paho's thread: MID is now owed by COUNT pipelines."""
-        with self._lock:
-            self._holders[mid] = count
-
-    def release(self, tokens: list[tuple[int, int]]) -> None:
-        """Worker threads: these pipelines are done with TOKENS (mid, qos), in arrival order."""
-        ready = []
-        with self._lock:
-            for mid, qos in tokens:
-                left = self._holders.get(mid, 1) - 1
-                if left <= 0:
-                    self._holders.pop(mid, None)
-                    ready.append((mid, qos))
-                else:
-                    self._holders[mid] = left
-        if self.transport is not None:
-            for mid, qos in ready:
-                self.transport.ack(mid, qos)
-
-    def owed(self) -> int:
-        """Messages not yet acknowledged."""
-        with self._lock:
-            return len(self._holders)
-
-
-@dataclass
-class Generation:
-    """The pipelines of one configuration and the routing table to them."""
-
-    config: Config
-    pipelines: list[Pipeline]
-    filters: list[tuple[str, Pipeline]] = field(default_factory=list)
-    routes: dict[str, tuple[Pipeline, ...]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.filters = [
-            (shared_subscription_filter(f), p) for p in self.pipelines for f in p.config.subscribe
-        ]
-
-    def subscriptions(self) -> dict[str, int]:
-        """Topic filter → QoS for every pipeline."""
-        subs: dict[str, int] = {}
-        for p in self.pipelines:
-            for f in p.config.subscribe:
-                subs[f] = max(subs.get(f, 0), p.config.qos)
-        return subs
-
-    def close(self) -> None:
-        """Release the models (after the workers stopped)."""
-        for p in self.pipelines:
-            p.model.backend.close()
-            p.model.bundle.close()
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    """What happened to one configuration change."""
-
-    ok: bool
-    reason: str = ""
-    carried_over: tuple[str, ...] = ()
-
-
-def _same_input(old: Pipeline, new: Pipeline) -> bool:
-    # A partial window can continue only into a pipeline that cuts and reads samples the same way.
-    a, b = old.model.bundle.manifest.input, new.model.bundle.manifest.input
-    return (
-        old.name == new.name
-        and a.window == b.window
-        and [f.name for f in a.features] == [f.name for f in b.features]
-        and old.config.window == new.config.window
-        and old.config.decoder == new.config.decoder
-    )
 
 
 class Daemon:
@@ -194,26 +59,25 @@ class Daemon:
         self.started_at = time.monotonic()
         self.state_dir = config.resolved_state_dir()
         self.acks = AckTracker()
+        self.router = Router(self.acks, self._on_unroutable)
         self.publisher: Publisher | None = None
         self.journal: WindowJournal | None = None
         self.journal_error: str | None = None
         self.store: BundleStore | None = None
-        self.gen: Generation | None = None
-        # Held while routing a message and while switching generations; on_message holds it for
-        # a dict lookup and a few enqueues, so paho's thread never waits long.
-        self._route_lock = threading.Lock()
-        self._holding: list[tuple[str, bytes, float, int, int]] | None = None
         self._apply_lock = threading.Lock()
-        self._extra_routes: list[tuple[str, object]] = []  # (filter, handler) e.g. the fleet agent
         self._extra_subscriptions: list[str] = []
-        # Topic → handler of an extra route (None: none), so sensor topics pay one dict lookup.
-        self._extra_cache: dict[str, object] = {}
         self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
+
+    @property
+    def gen(self) -> Generation | None:
+        """The running generation."""
+        return self.router.generation
 
     @property
     def pipelines(self) -> list[Pipeline]:
         """The running generation's pipelines."""
-        return self.gen.pipelines if self.gen else []
+        gen = self.router.generation
+        return gen.pipelines if gen else []
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -246,7 +110,6 @@ class Daemon:
 
     def build(self, config: Config, *, restore: bool = True) -> Generation:
         """Verify, self-test and construct CONFIG's pipelines (not started). Raises on failure."""
-        assert self.publisher is not None  # noqa: S101 - _open_state made it
         built: list[Pipeline] = []
         try:
             for pc in config.pipelines:
@@ -260,20 +123,24 @@ class Daemon:
                     model.backend.runtime,
                     model.selftest.max_abs_error,
                 )
-                built.append(
-                    Pipeline(
+                try:
+                    pipeline = Pipeline(
                         pc,
                         gateway=self.gateway,
                         topics=config.topics,
                         limits=config.limits,
                         model=model,
-                        submit=self.publisher.submit,
+                        submit=self.send,
                         release=self.acks.release,
                         journal=self.journal,
                         restore=restore,
                         observe=self.metrics.observe_batch,
                     )
-                )
+                except BaseException:
+                    model.backend.close()
+                    model.bundle.close()
+                    raise
+                built.append(pipeline)
         except BaseException:
             Generation(config, built).close()
             raise
@@ -283,48 +150,51 @@ class Daemon:
         """Open the state directory, then verify and build the pipelines (no network yet)."""
         if self.publisher is None:
             self._open_state()
-        self.gen = self.build(config or self.config)
-        self.config = self.gen.config
+        self.router.generation = self.build(config or self.config)
+        self.config = self.router.generation.config
 
     def start(self) -> None:
         """Load (if not yet), start the workers, then connect."""
-        if self.gen is None:
+        if self.router.generation is None:
             self.load()
-        assert self.gen is not None  # noqa: S101
+        gen = self.router.generation
+        assert gen is not None  # noqa: S101
         assert self.publisher is not None  # noqa: S101
-        for p in self.gen.pipelines:
-            p.start()
-        subs = self.gen.subscriptions()
-        for topic_filter in self._extra_subscriptions:
-            subs.setdefault(topic_filter, 1)
+        gen.start()
         self.transport = MqttTransport(
             self.config.broker,
             self.config.client_id(),
             on_message=self._on_message,
-            subscriptions=list(subs.items()),
+            subscriptions=list(self._subscriptions(gen).items()),
             will=Will(self._state_topic, self._state_payload("offline", "connection lost")),
             on_connect=self._announce,
             session=SessionOptions(
-                # Always manual: receipt-mode messages are acknowledged on arrival below, durable
-                # ones when safe; one mode of paho for every configuration a push may bring.
+                # Always manual: receipt-mode messages are acknowledged on arrival (routing),
+                # durable ones when safe; one mode of paho for every configuration a push brings.
                 manual_ack=True,
                 # MQTT 5 flow control: never more unacknowledged input than an inbox holds.
                 receive_maximum=min(self.config.limits.inbox_size, 65535),
                 max_packet_bytes=self.config.limits.max_packet_bytes,
             ),
             on_published=self.publisher.on_published,
-            on_messages=self._on_messages,
+            on_messages=self.router.on_messages,
         )
-        self.acks.transport = self.transport
+        self.acks.ack = self.transport.ack
         self.publisher.attach(self.transport)
         self.transport.start()
 
-    def add_route(self, topic_filter: str, handler: object, *, subscribe: bool = True) -> None:
+    def _subscriptions(self, gen: Generation) -> dict[str, int]:
+        subs = gen.subscriptions()
+        for topic_filter in self._extra_subscriptions:
+            subs.setdefault(topic_filter, 1)
+        return subs
+
+    def add_route(self, topic_filter: str, handler: Handler, *, subscribe: bool = True) -> None:
         """Send messages matching TOPIC_FILTER to HANDLER(topic, payload) (before start).
 
         With SUBSCRIBE false the route only dispatches; the caller subscribes when it needs to.
         """
-        self._extra_routes.append((topic_filter, handler))
+        self.router.add_route(topic_filter, handler)
         if subscribe:
             self._extra_subscriptions.append(topic_filter)
 
@@ -335,98 +205,37 @@ class Daemon:
         running = {parse_ref(str(p.config.bundle)) for p in self.pipelines}
         self.store.collect({d for d in running if d} | (keep or set()))
 
-    def _announce(self) -> None:
-        # Runs on paho's thread at every (re)connect: the retained state must say online again.
-        assert self.transport is not None  # noqa: S101
-        assert self.publisher is not None  # noqa: S101
-        self.transport.publish(self._state_topic, self._state_payload("online"), 1, True)
-        self.publisher.on_connected()
+    # -- the one publish path ---------------------------------------------------------------
 
-    # -- routing (paho's thread) -----------------------------------------------------------
+    def send(self, messages: Sequence[Outbound], *, keep: bool = True) -> None:
+        """Send MESSAGES, in order: QoS ≥ 1 through the outbox, QoS 0 at once if connected.
+
+        Everything the gateway publishes goes through here (predictions, dead letters, state,
+        stats, fleet reports). KEEP false: not through the outbox (see ``Publisher.submit``).
+        Before the daemon is loaded there is nowhere to send: dropped.
+        """
+        if self.publisher is not None:
+            self.publisher.submit(messages, keep=keep)
+
+    def _announce(self) -> None:
+        # Runs at every (re)connect: the retained state must say online again.
+        assert self.publisher is not None  # noqa: S101
+        self.publisher.on_connected()
+        self._send_state("online")
+
+    def _send_state(self, state: str) -> None:
+        # Retained, QoS 1, not kept in the outbox: every (re)connect announces a fresh one.
+        self.send([Outbound(self._state_topic, self._state_payload(state), 1, True)], keep=False)
 
     def _on_message(
         self, topic: str, payload: bytes, received: float, mid: int = 0, qos: int = 0
     ) -> None:
-        self._on_messages([(topic, payload, mid, qos)], received)
+        self.router.on_messages([(topic, payload, mid, qos)], received)
 
-    def _on_messages(self, batch: list[Publish], received: float) -> None:
-        # One read's messages: the lock is taken once, and each pipeline gets its share as one
-        # list. Extra routes (fleet documents) are rare and handled one by one, in order.
-        if self._extra_routes:
-            plain: list[Publish] = []
-            for message in batch:
-                handler = self._extra_route(message[0])
-                if handler is None:
-                    plain.append(message)
-                    continue
-                self._route_locked(plain, received)
-                plain = []
-                topic, payload, mid, qos = message
-                handler(topic, payload)  # type: ignore[operator]
-                if qos > 0 and self.transport is not None:
-                    self.transport.ack(mid, qos)
-            batch = plain
-        self._route_locked(batch, received)
-
-    def _extra_route(self, topic: str) -> object | None:
-        handler = self._extra_cache.get(topic, _UNSEEN)
-        if handler is _UNSEEN:
-            handler = next((h for f, h in self._extra_routes if matches(f, topic)), None)
-            if len(self._extra_cache) < _ROUTE_CACHE_LIMIT:
-                self._extra_cache[topic] = handler
-        return handler
-
-    def _route_locked(self, batch: list[Publish], received: float) -> None:
-        if not batch:
-            return
-        with self._route_lock:
-            if self._holding is not None:
-                # A generation switch is under way: keep the messages, in order, for the next one.
-                self._holding.extend((t, p, received, m, q) for t, p, m, q in batch)
-                return
-            self._route(batch, received)
-
-    def _targets(self, gen: Generation, topic: str) -> tuple[Pipeline, ...]:
-        targets = tuple(p for f, p in gen.filters if matches(f, topic))
-        if len(gen.routes) < _ROUTE_CACHE_LIMIT:
-            gen.routes[topic] = targets
-        return targets
-
-    def _route(self, batch: list[Publish], received: float) -> None:
-        gen = self.gen
-        routes = gen.routes if gen is not None else {}
-        offers: dict[Pipeline, list[tuple[str, bytes, float, Token]]] = {}
-        for topic, payload, mid, qos in batch:
-            targets = routes.get(topic)
-            if targets is None:
-                targets = self._targets(gen, topic) if gen is not None else ()
-            if not targets:
-                self._unroutable(topic, payload, mid, qos)
-                continue
-            token: Token = None
-            if qos > 0:
-                durable = sum(1 for p in targets if p.durable)
-                if durable:
-                    self.acks.hold(mid, durable)
-                    token = (mid, qos)
-                elif self.transport is not None:
-                    self.transport.ack(mid, qos)  # receipt mode: acknowledged on arrival
-            for pipeline in targets:
-                items = offers.get(pipeline)
-                if items is None:
-                    items = offers[pipeline] = []
-                items.append((topic, payload, received, token if pipeline.durable else None))
-        for pipeline, items in offers.items():
-            pipeline.offer_many(items)
-
-    def _unroutable(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+    def _on_unroutable(self, topic: str, payload: bytes) -> None:
         self.unroutable["unroutable"] += 1
         dlq = self.config.topics.dead_letter.format(gateway=self.gateway, pipeline="_unrouted")
-        report = dead_letter("_unrouted", "unroutable", topic, len(payload))
-        if self.publisher is not None:
-            self.publisher.submit([(dlq, report, 0, False)])
-        if qos > 0 and self.transport is not None:
-            self.transport.ack(mid, qos)
+        self.send([Outbound(dlq, dead_letter("_unrouted", "unroutable", topic, len(payload)))])
 
     # -- configuration changes ----------------------------------------------------------------
 
@@ -442,85 +251,33 @@ class Daemon:
             except FloorlineError as exc:
                 log.warning("configuration refused, the running one stays: %s", exc)
                 return ApplyResult(ok=False, reason=str(exc))
-            old = self.gen
-            with self._route_lock:
-                self._holding = []
+            old = self.router.generation
             carried: list[str] = []
-            try:
+            with self.router.holding() as held:
                 if old is not None:
                     for p in old.pipelines:
                         p.stop(drain_all=True)  # every accepted message is finished by `old`
-                    carried = self._carry_over(old, new)
-                self.gen = new
+                    carried = carry_over(old, new, self.journal)
+                self.router.generation = new
                 self.config = new.config
-                for p in new.pipelines:
-                    p.start()
+                new.start()
                 if self.transport is not None:
-                    subs = new.subscriptions()
-                    for topic_filter in self._extra_subscriptions:
-                        subs.setdefault(topic_filter, 1)
-                    self.transport.set_subscriptions(list(subs.items()))
-            finally:
-                with self._route_lock:
-                    held, self._holding = self._holding or [], None
-                    for topic, payload, received, mid, qos in held:
-                        self._route([(topic, payload, mid, qos)], received)
+                    self.transport.set_subscriptions(list(self._subscriptions(new).items()))
             if old is not None:
                 old.close()
             if self.transport is not None and self.transport.connected.is_set():
-                self.transport.publish(self._state_topic, self._state_payload("online"), 1, True)
+                self._send_state("online")
             log.info("configuration applied; %d held messages passed on; windows carried: %s",
                      len(held), ", ".join(carried) or "none")
             return ApplyResult(ok=True, carried_over=tuple(carried))
 
-    def _carry_over(self, old: Generation, new: Generation) -> list[str]:
-        carried = []
-        previous = {p.name: p for p in old.pipelines}
-        for p in new.pipelines:
-            before = previous.get(p.name)
-            if before is not None and _same_input(before, p):
-                p.adopt_windows(before)
-                carried.append(p.name)
-            elif self.journal is not None:
-                self.journal.forget(p.name)  # saved windows of another shape must not come back
-        return carried
-
     def _bundle_info(self) -> list[BundleInfo]:
-        return [
-            {
-                "pipeline": p.name,
-                "name": p.model.bundle.manifest.name,
-                "version": p.model.bundle.manifest.version,
-                "sha256": p.model.artifact.sha256,
-                "artifact": p.model.artifact.file,
-                "runtime": p.model.backend.runtime,
-            }
-            for p in self.pipelines
-        ]
+        return bundle_info(self.pipelines)
 
     # -- state ------------------------------------------------------------------------------
 
     def _state_payload(self, state: str, reason: str | None = None) -> bytes:
-        doc: dict[str, object] = {
-            "state": state,
-            "gateway": self.gateway,
-            "floorline": __version__,
-            "ts": time.time(),
-            "pipelines": [
-                {
-                    "name": p.name,
-                    "model": p.model.bundle.manifest.name,
-                    "version": p.model.bundle.manifest.version,
-                    "artifact": p.model.artifact.file,
-                    "sha256": p.model.artifact.sha256,
-                    "runtime": p.model.backend.runtime,
-                }
-                for p in self.pipelines
-            ],
-        }
-        if reason:
-            doc["reason"] = reason
-        return orjson.dumps(doc)
+        return state_document(self.gateway, state, self.pipelines, reason)
 
     def stats(self) -> dict[str, object]:
         """Per-pipeline counters, connection, outbox and journal facts."""
@@ -573,8 +330,8 @@ class Daemon:
             self.publisher.stop()
         if self.journal is not None:
             self.journal.close()
-        if self.gen is not None:
-            self.gen.close()
+        if self.router.generation is not None:
+            self.router.generation.close()
         log.info("stopped (%s)", reason)
 
     def wait(self, timeout: float | None = None) -> bool:

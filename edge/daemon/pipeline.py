@@ -26,20 +26,19 @@ from floorline.edge.bundle.selftest import LoadedModel
 from floorline.edge.config.model import LimitsConfig, PipelineConfig, TopicsConfig
 from floorline.edge.daemon.inbox import Inbox
 from floorline.edge.daemon.journal import WindowJournal
-from floorline.edge.decoders.base import make_decoder
+from floorline.edge.decoders import make_decoder
 from floorline.edge.errors import BackendError, DecodeError
+from floorline.edge.messages import Inbound, Outbound
+from floorline.edge.outputs import OutputContext, make_output
 from floorline.edge.stream.batch import Batcher
-from floorline.edge.stream.encode import PredictionEncoder, dead_letter
+from floorline.edge.stream.encode import dead_letter
 from floorline.edge.stream.normalization import normalize
 from floorline.edge.stream.window import Window, Windower
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[[Sequence[tuple[str, bytes, int, bool]]], None]
-"""Hand (topic, payload, qos, retain) messages to the publisher (outbox for QoS ≥ 1)."""
-
-Token = tuple[int, int] | None
-"""(mid, qos) of a message awaiting acknowledgement, or None when nothing is owed."""
+Submit = Callable[[Sequence[Outbound]], None]
+"""Hand messages to the gateway's one publish path (the outbox for QoS ≥ 1)."""
 
 Release = Callable[[list[tuple[int, int]]], None]
 
@@ -49,9 +48,9 @@ _RUN = 64  # messages the worker takes from its inbox at once
 _SETTLE_EVERY = 256  # messages; bounds how many a worker holds unacknowledged in a busy stream
 
 
-def _queued_bytes(item: tuple[str, bytes, float, Token]) -> int:
+def _queued_bytes(item: Inbound) -> int:
     # The payload plus what holding it costs (its tuple, the bytes object's header), roughly.
-    return len(item[1]) + _ITEM_OVERHEAD
+    return len(item.payload) + _ITEM_OVERHEAD
 
 
 class Pipeline:
@@ -85,29 +84,30 @@ class Pipeline:
         self._journal = journal if self._durable else None
         self._max_payload = limits.max_payload_bytes
         self._drain_s = limits.drain_timeout_s
-        self._out_qos = config.output.qos
-        self._out_retain = config.output.retain
         self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
         # The byte bound is for `ack: receipt` pipelines. A durable one keeps the count bound
         # alone: with MQTT 5 its count is the broker's receive maximum, so the broker holds
         # what the inbox cannot, and a byte bound would drop (and so lose) acknowledged input.
-        self.inbox: Inbox[tuple[str, bytes, float, Token]] = Inbox(
+        self.inbox: Inbox[Inbound] = Inbox(
             limits.inbox_size, None if self._durable else limits.inbox_bytes, _queued_bytes
         )
         features = [f.name for f in self._spec.features]
-        self._decoder = make_decoder(config.decoder, features)
+        self._decoder = make_decoder(config.decoder, features, config.name)
         self._windower = Windower(self._spec.window, len(features), config.window)
         self._batcher: Batcher[Window] = Batcher(
             config.batch.max_batch, config.batch.max_wait_ms / 1000.0
         )
-        self._encoder = PredictionEncoder(
-            gateway=gateway,
-            pipeline=config.name,
-            manifest=manifest,
-            artifact=model.artifact,
-            topic_template=config.output.topic or topics.predictions,
-            labels=config.labels,
-            thresholds=config.thresholds,
+        self.output = make_output(
+            config.output,
+            OutputContext(
+                gateway=gateway,
+                pipeline=config.name,
+                prediction_topic=topics.predictions,
+                manifest=manifest,
+                artifact=model.artifact,
+                labels=config.labels,
+                thresholds=config.thresholds,
+            ),
         )
         self._segment = config.asset.topic_segment
         self._assets: dict[str, str | None] = {}
@@ -143,17 +143,17 @@ class Pipeline:
 
     # -- paho's thread ----------------------------------------------------------------------
 
-    def offer(self, topic: str, payload: bytes, received: float, token: Token) -> None:
+    def offer(self, message: Inbound) -> None:
         """Enqueue a message; when the inbox is full, drop it and count (never block paho)."""
-        self.offer_many([(topic, payload, received, token)])
+        self.offer_many([message])
 
-    def offer_many(self, items: list[tuple[str, bytes, float, Token]]) -> None:
+    def offer_many(self, items: list[Inbound]) -> None:
         """Enqueue ITEMS in order; those the inbox cannot hold are dropped and counted."""
         self.counters["received"] += len(items)
         rest = self.inbox.put_many(items)
         if rest:
             self.counters["dropped_inbox_full"] += len(rest)
-            tokens = [token for *_, token in rest if token is not None]
+            tokens = [m.token for m in rest if m.token is not None]
             if tokens and self._release is not None:
                 self._release(tokens)  # dropped by policy: holding them would stall the stream
 
@@ -231,13 +231,16 @@ class Pipeline:
         self.counters["released"] += len(self._held)
         self._held = []
 
-    def adopt_windows(self, other: Pipeline) -> None:
-        """Continue OTHER's partial windows (a stopped pipeline with the same input)."""
-        for asset in other._windower.assets():
-            state = other._windower.export_state(asset)
-            if state is not None:
-                self._windower.import_state(asset, state)
-                self._touched.add(asset)
+    def window_states(self) -> dict[str, bytes]:
+        """Every asset's partial window, as the journal stores it (call once the worker stopped)."""
+        states = {a: self._windower.export_state(a) for a in self._windower.assets()}
+        return {a: s for a, s in states.items() if s is not None}
+
+    def adopt_windows(self, states: dict[str, bytes]) -> None:
+        """Continue partial windows STATES (from a stopped pipeline with the same input)."""
+        for asset, state in states.items():
+            self._windower.import_state(asset, state)
+            self._touched.add(asset)
 
     def _asset_of(self, topic: str) -> str | None:
         if topic in self._assets:
@@ -259,7 +262,10 @@ class Pipeline:
             self._reject("too_large", topic, size, f"over {self._max_payload} bytes")
             return
         try:
-            samples = self._decoder.decode(payload)
+            samples = self._decoder.decode(payload, topic)
+            if samples is None:  # understood, but no samples in it (e.g. a birth certificate)
+                self.counters["control"] += 1
+                return
             asset = samples.asset if self._segment is None else self._asset_of(topic)
             windows = self._windower.push(asset, samples, received) if asset else None
         except DecodeError as exc:
@@ -297,12 +303,7 @@ class Pipeline:
             # Once per batch: metrics cost nothing per message.
             self._observe(self.name, len(batch), inference_ms / 1e3,
                           [now - w.received for w in batch])
-        payloads = self._encoder.encode_batch(batch, out, inference_ms=inference_ms, now=now)
-        topic, qos, retain = self._encoder.topic, self._out_qos, self._out_retain
-        messages = [
-            (topic(window.asset), payload, qos, retain)
-            for window, payload in zip(batch, payloads, strict=True)
-        ]
+        messages = self.output.messages(batch, out, inference_ms=inference_ms, now=now)
         # One outbox transaction for the whole batch: committed before anything is released.
         self._submit(messages)
         self.counters["predictions"] += len(messages)
@@ -311,7 +312,7 @@ class Pipeline:
         self.dead_letters[reason] += 1
         log.debug("pipeline %s: dead letter %s from %s (%d bytes)", self.name, reason, topic, size)
         report = dead_letter(self.name, reason, topic, size, detail)
-        self._submit([(self._dlq_topic, report, 0, False)])
+        self._submit([Outbound(self._dlq_topic, report)])
 
     def stats(self) -> dict[str, object]:
         """Counters for state reports and tests."""

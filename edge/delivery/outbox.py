@@ -39,6 +39,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from floorline.edge.messages import Outbound
+
 __all__ = ["DROP_REASONS", "OutMessage", "Outbox", "OutboxConfig"]
 
 log = logging.getLogger(__name__)
@@ -174,8 +176,8 @@ class Outbox:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def put_many(self, messages: Sequence[tuple[str, bytes, int, bool]]) -> list[int]:
-        """Hold (topic, payload, qos, retain) messages in one transaction; their ids, ascending.
+    def put_many(self, messages: Sequence[Outbound]) -> list[int]:
+        """Hold MESSAGES in one transaction; their ids, ascending.
 
         ``max_bytes`` is enforced afterwards, so a batch larger than the whole bound drops its own
         oldest messages too. Never raises for storage reasons; raises RuntimeError after ``close``

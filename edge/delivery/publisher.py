@@ -28,11 +28,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from floorline.edge.delivery.outbox import Outbox
+from floorline.edge.messages import Outbound
 
 log = logging.getLogger(__name__)
 
-Message = tuple[str, bytes, int, bool]
-"""(topic, payload, qos, retain)"""
 
 _EXPIRE_EVERY_S = 60.0
 # Acknowledged rows are deleted from the outbox together, not one transaction per PUBACK: when
@@ -81,16 +80,23 @@ class Publisher:
 
     # -- any thread ---------------------------------------------------------------------
 
-    def submit(self, messages: Sequence[Message]) -> None:
-        """Send MESSAGES: QoS 0 at once (dropped while disconnected), QoS ≥ 1 via the outbox."""
-        durable = [m for m in messages if m[2] > 0]
+    def submit(self, messages: Sequence[Outbound], *, keep: bool = True) -> None:
+        """Send MESSAGES: QoS 0 at once (dropped while disconnected), QoS ≥ 1 via the outbox.
+
+        With KEEP false, QoS ≥ 1 messages skip the outbox and go to the connection's own queue
+        (resent after a reconnect, not after a restart): for a retained state that the next
+        connection replaces anyway, outbox space and a resend after a restart would be waste.
+        """
+        durable = [m for m in messages if m.qos > 0] if keep else []
+        t = self._transport
         for topic, payload, qos, retain in messages:
             if qos == 0:
-                t = self._transport
                 if t is not None and t.connected.is_set():
                     t.publish(topic, payload, 0, retain)
                 else:
                     self.dropped_qos0 += 1
+            elif not keep and t is not None:
+                t.publish(topic, payload, qos, retain)
         if durable:
             self.outbox.put_many(durable)
             self._wake.set()

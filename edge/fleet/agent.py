@@ -36,6 +36,7 @@ from floorline.edge.config.model import Config
 from floorline.edge.daemon.daemon import Daemon
 from floorline.edge.errors import FloorlineError
 from floorline.edge.fleet.envelope import Desired, EnvelopeError, open_envelope
+from floorline.edge.messages import Outbound
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class FleetAgent:
         try:
             config = self.base.with_desired(lkg["config"], "last-known-good")
         except (FloorlineError, KeyError) as exc:
-            self._record(lkg.get("version"), "rejected", f"last-known-good unusable: {exc}")
+            self.record(lkg.get("version"), "rejected", f"last-known-good unusable: {exc}")
             return self.base
         self.lkg = lkg
         self.running_version = int(lkg["version"])
@@ -203,12 +204,12 @@ class FleetAgent:
                 max_clock_skew=_seconds(self.fc.max_clock_skew_s),
             )
         except EnvelopeError as exc:
-            self._record(None, "rejected", str(exc))
+            self.record(None, "rejected", str(exc))
             return
         seen = self.state.highest_seen()
         if desired.version <= seen:
             if desired.version != self.running_version:
-                self._record(desired.version, "rejected",
+                self.record(desired.version, "rejected",
                              f"replay: version {desired.version} is not newer than {seen}")
             return  # the retained copy of what runs (or ran) comes back at every connect
         self.state.see(desired.version)
@@ -216,12 +217,12 @@ class FleetAgent:
             self._fetch(desired)
             config = self.base.with_desired(desired.config, f"desired version {desired.version}")
         except FloorlineError as exc:
-            self._record(desired.version, "rejected", str(exc))
+            self.record(desired.version, "rejected", str(exc))
             return
         previous = self.daemon.config
         result = self.daemon.apply(config)
         if not result.ok:
-            self._record(desired.version, "rejected", result.reason)
+            self.record(desired.version, "rejected", result.reason)
             return
         self.running_version = desired.version
         self.config_source = "fleet"
@@ -232,7 +233,7 @@ class FleetAgent:
             self.running_version = int(self.lkg["version"]) if self.lkg else None
             self.config_source = "fleet" if self.lkg else "local"
             how = "" if back.ok else f"; rollback also failed: {back.reason}"
-            self._record(desired.version, "rolled_back", verdict + how)
+            self.record(desired.version, "rolled_back", verdict + how)
             return
         self.lkg = {
             "version": desired.version,
@@ -241,7 +242,7 @@ class FleetAgent:
         }
         self.state.keep(self.lkg)
         self.daemon.collect_bundles({d for b in desired.bundles if (d := _digest(b))})
-        self._record(desired.version, "applied", "passed probation")
+        self.record(desired.version, "applied", "passed probation")
 
     def _fetch(self, desired: Desired) -> None:
         store = self.daemon.store
@@ -308,7 +309,8 @@ class FleetAgent:
 
     # -- reporting --------------------------------------------------------------------------
 
-    def _record(self, version: int | None, result: str, reason: str) -> None:
+    def record(self, version: int | None, result: str, reason: str) -> None:
+        """Log an apply outcome and add it to the reported history."""
         log.log(logging.INFO if result == "applied" else logging.WARNING,
                 "fleet: version %s %s: %s", version, result, reason)
         self.history.append(ApplyRecord(version, result, reason[:300], time.time()))
@@ -348,7 +350,7 @@ class FleetAgent:
                 },
             },
         }
-        t.publish(self.reported_topic, orjson.dumps(doc), 1, True)
+        self.daemon.send([Outbound(self.reported_topic, orjson.dumps(doc), 1, True)])
 
 
 def _digest(ref: str) -> str | None:

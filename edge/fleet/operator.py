@@ -33,9 +33,11 @@ from floorline.edge.config.model import PUSHABLE_SECTIONS, BrokerConfig
 from floorline.edge.errors import ConfigError, FloorlineError
 from floorline.edge.fleet.envelope import seal
 from floorline.edge.mqtt.transport import MqttTransport
+from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 
 
-def _broker(address: str, protocol: str) -> BrokerConfig:
+def broker_config(address: str, protocol: str) -> BrokerConfig:
+    """A broker config from HOST:PORT (port 1883 when left out) and a protocol version."""
     host, _, port = address.rpartition(":")
     return BrokerConfig(host=host or "localhost", port=int(port or 1883), protocol=protocol)  # type: ignore[arg-type]
 
@@ -104,8 +106,12 @@ def push(
         ref = str(pipeline.get("bundle", ""))
         if ref.startswith("sha256:"):
             continue
-        path = (base / ref).resolve() if not Path(ref).is_absolute() else Path(ref)
-        if path not in given:
+        if ref.startswith(EXAMPLE_PREFIX):
+            # Shipped with floorline: the name is exact, so it needs no --bundle.
+            path = example_bundle(ref.removeprefix(EXAMPLE_PREFIX)).resolve()
+        else:
+            path = (base / ref).resolve() if not Path(ref).is_absolute() else Path(ref)
+        if path not in given and not ref.startswith(EXAMPLE_PREFIX):
             raise ConfigError(
                 f"pipeline {pipeline.get('name')}: bundle {ref} is a local path; "
                 "add --bundle for it (or name a pushed one as sha256:<hex>)"

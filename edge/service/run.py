@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from floorline.edge.config.model import Config, load_config
 from floorline.edge.daemon.daemon import Daemon
 from floorline.edge.errors import FloorlineError
+from floorline.edge.messages import Outbound
 from floorline.edge.service.logs import setup_logging
 from floorline.edge.service.metrics import MetricsServer, StatsReporter
 from floorline.edge.service.sdnotify import (
@@ -99,9 +100,7 @@ class Service:
             topic = self.base.topics.stats.format(gateway=self.base.gateway.id)
 
             def publish(payload: bytes) -> None:
-                t = daemon.transport
-                if t is not None and t.connected.is_set():
-                    t.publish(topic, payload, 0, False)
+                daemon.send([Outbound(topic, payload)])  # QoS 0: dropped while disconnected
                 self.notifier.status(self._status_line())
 
             self.reporter = StatsReporter(daemon.metrics, mc.stats_interval_s, publish)
@@ -165,7 +164,7 @@ class Service:
                     log.warning("reload: the fleet configuration no longer fits: %s", exc)
         result = self.daemon.apply(config)
         if self.agent is not None:
-            self.agent._record(  # noqa: SLF001 - the agent's history is the reported one
+            self.agent.record(
                 self.agent.running_version,
                 "local_reload" if result.ok else "rejected",
                 "SIGHUP: " + ("applied " + str(self.config_path) if result.ok else result.reason),
