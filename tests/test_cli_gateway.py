@@ -1,4 +1,7 @@
-"""``floorline`` as an operator runs it: run (signals, last will), check, demo, simulate, schema."""
+"""``floorline`` as an operator runs it: run (signals, last will), check, simulate, schema.
+
+The demo has its own tests/test_demo.py.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import pytest
 from floorline.edge.cli.main import main as floorline
 from floorline.edge.config.model import Config
 from tests.daemon_harness import EXAMPLE, config_text, vibration_pipeline
-from tests.mqtt_broker import free_port, wait_until
+from tests.mqtt_broker import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,37 +130,6 @@ def test_committed_schema_matches_the_config_models():
 def test_example_configs_validate_and_self_test(name, capsys):
     assert floorline(["check", "--config", str(ROOT / "configs" / name)]) == 0
     assert "FAIL" not in capsys.readouterr().out
-
-
-def test_demo_against_a_broker_shows_faults_in_predictions(mosquitto):
-    out = subprocess.run(
-        [*FLOORLINE, "demo", "--duration", "8", "--assets", "3",
-         "--host", "127.0.0.1", "--port", str(mosquitto.port),
-         "--fault", "pump-02=imbalance@0"],
-        capture_output=True, text=True, timeout=90, check=False,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"broker at 127.0.0.1:{mosquitto.port}" in out.stdout
-    rows = {line.split()[0]: line for line in out.stdout.splitlines()
-            if line.startswith("pump-")}
-    # pump-02 has had an imbalance from the start: the model calls it that.
-    assert rows["pump-02"].split()[1:3] == ["imbalance", "imbalance"]
-    assert rows["pump-01"].split()[1:3] == ["healthy", "healthy"]
-    assert "dead letters {}" in out.stdout
-
-
-def test_demo_starts_an_embedded_broker_when_none_answers():
-    port = free_port()  # nothing listens here
-    out = subprocess.run(
-        [*FLOORLINE, "demo", "--duration", "5", "--assets", "2",
-         "--host", "127.0.0.1", "--port", str(port)],
-        capture_output=True, text=True, timeout=90, check=False,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "embedded broker (amqtt)" in out.stdout
-    summary = out.stdout.split("summary", 1)[1]
-    predictions = int(summary.split(" predictions")[0].rsplit(",", 1)[1].split()[0])
-    assert predictions > 0
 
 
 def test_simulate_publishes_to_a_broker(mosquitto, mqtt_client):

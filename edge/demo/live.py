@@ -1,24 +1,30 @@
 """``floorline demo``: broker, simulated plant, daemon and live predictions in one command.
 
 It uses a broker at localhost:1883 when one answers MQTT there, otherwise starts the embedded one
-(amqtt) on a free port. The daemon runs the committed example bundle on a simulated plant where
-some pumps develop faults over time; the table shows each pump's true condition (from the
-simulator) beside what the model predicts, so you can watch predictions follow the faults.
+(amqtt) on a free port, and says which, with the topics to watch. The daemon runs the committed
+example bundle on a simulated plant where some pumps develop faults over the run; the table shows
+each pump's true condition (from the simulator) beside what the model predicts, marks where they
+differ and why, and the summary at the end says how often each pump's predictions were right while
+it was healthy, while a fault grew and once it had fully developed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
-from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
@@ -26,17 +32,38 @@ import orjson
 
 from floorline.edge.config.model import Config, parse_config
 from floorline.edge.daemon.daemon import Daemon
-from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator
+from floorline.edge.demo.signals import DEFAULT_SEVERITY_RANGE, Condition
+from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator, Truth
+from floorline.edge.errors import FloorlineError
 from floorline.edge.mqtt.transport import MqttTransport
 from floorline.edge.resources import models_dir
 
+__all__ = [
+    "EXAMPLE_BUNDLE",
+    "PredictionBoard",
+    "Scorecard",
+    "WindowKind",
+    "broker",
+    "classify",
+    "default_faults",
+    "demo_config",
+    "run_demo",
+]
+
 EXAMPLE_BUNDLE = models_dir() / "pdm-classifier"
 
-DEFAULT_FAULTS = (
-    "pump-02=imbalance@8+12",
-    "pump-04=bearing_outer_race@16+12",
-    "pump-06=looseness@24+12",
+# (pump, fault, onset as a share of the run). Each ramps over _RAMP_SHARE of the run, so the last
+# one is fully developed at 70 % and the final 30 % shows all three at full severity, whether the
+# run lasts 10 s or 10 min.
+_DEFAULT_FAULTS = (
+    ("pump-02", Condition.IMBALANCE, 0.10),
+    ("pump-04", Condition.BEARING_OUTER_RACE, 0.25),
+    ("pump-06", Condition.LOOSENESS, 0.40),
 )
+_RAMP_SHARE = 0.30
+
+# The example model only ever saw faults at least this severe (signals.make_dataset's default).
+_TRAINED_MIN_SEVERITY = DEFAULT_SEVERITY_RANGE[0]
 
 _CONFIG = """
 gateway: {{id: demo}}
@@ -53,6 +80,20 @@ pipelines:
     batch: {{max_batch: 32, max_wait_ms: 5}}
     output: {{qos: 0}}
 """
+
+
+def default_faults(duration: float, assets: Sequence[str]) -> tuple[Fault, ...]:
+    """The demo's faults for a run of DURATION seconds, on those of its pumps that exist in ASSETS.
+
+    Onsets and ramps are shares of the duration, so a short run shows every fault develop and a
+    long one spreads them out.
+    """
+    ramp = round(_RAMP_SHARE * duration, 2)
+    return tuple(
+        Fault(asset, condition, start_s=round(share * duration, 2), ramp_s=ramp)
+        for asset, condition, share in _DEFAULT_FAULTS
+        if asset in assets
+    )
 
 
 def demo_config(host: str, port: int, bundle: Path = EXAMPLE_BUNDLE) -> Config:
@@ -104,7 +145,11 @@ def broker(host: str = "localhost", port: int = 1883) -> Iterator[tuple[str, int
                 err = proc.stderr.read() if proc.stderr else ""
                 raise RuntimeError(f"the embedded broker did not start: {err.strip()[-500:]}")
             time.sleep(0.1)
-        yield "127.0.0.1", free, f"embedded broker (amqtt) on 127.0.0.1:{free}"
+        yield (
+            "127.0.0.1",
+            free,
+            f"embedded broker (amqtt) on 127.0.0.1:{free} (nothing answered MQTT on {host}:{port})",
+        )
     finally:
         proc.terminate()
         try:
@@ -113,76 +158,263 @@ def broker(host: str = "localhost", port: int = 1883) -> Iterator[tuple[str, int
             proc.kill()
 
 
+# -- scoring predictions against the simulator's truth ---------------------------------------
+
+
+class WindowKind(str, Enum):
+    """What a pump was doing during the window a prediction was made on."""
+
+    HEALTHY = "healthy"
+    WEAK = "weak"
+    """A fault below the weakest the model was trained on (early in its ramp)."""
+    RAMPING = "ramping"
+    """A fault still growing, already in the range the model was trained on."""
+    DEVELOPED = "developed"
+    """A fault at its final severity."""
+    CHANGE = "change"
+    """The window holds samples of two conditions (a fault that starts without a ramp)."""
+
+
+_COLUMNS = {
+    WindowKind.HEALTHY: "healthy",
+    WindowKind.WEAK: f"fault <{_TRAINED_MIN_SEVERITY:.0%}",
+    WindowKind.RAMPING: "ramping",
+    WindowKind.DEVELOPED: "developed",
+    WindowKind.CHANGE: "mixed",
+}
+
+_MARKS = {WindowKind.WEAK: "~", WindowKind.CHANGE: "|"}
+"""How the table marks a wrong prediction, by kind of window; every other kind: '*'."""
+
+# Why a prediction can differ from the truth, by mark: one line under the live table, the full
+# reason under the summary. Each claim is checked: the model was trained on make_dataset's
+# severities only, and the demo's pumps are drawn from the same AssetParams ranges as its
+# training windows; on fresh windows of that generator it mislabels about 1.5 % (healthy pumps
+# read as a fault up to ~4 % of the time on some of the demo's pumps).
+_LEGEND_SHORT = {
+    "~": f"~ fault under {_TRAINED_MIN_SEVERITY:.0%} severity, weaker than any in training: "
+    "mostly reads healthy",
+    "*": "* model error: a few windows in 100 get a wrong label, healthy pumps included",
+    "|": "| the window spans a sudden change of condition and holds samples of both",
+}
+_LEGEND = {
+    "~": (
+        f"~ The fault was below {_TRAINED_MIN_SEVERITY:.0%} severity (early in its ramp, or "
+        "set that weak with :SEVERITY). "
+        "The example model was trained only on faults of "
+        f"{_TRAINED_MIN_SEVERITY:.0%} to 100% severity; a weaker one mostly reads healthy."
+    ),
+    "*": (
+        "* A model error. The plant runs the same synthetic physics, with machines drawn from "
+        "the same ranges, as the model's training data, yet the model mislabels a few windows "
+        "in 100, more on some pumps than on others: a healthy pump is flagged now and then, "
+        "and a single 64 ms window decides each label."
+    ),
+    "|": (
+        "| The window spans a sudden change of condition (a fault with no ramp, or one fault "
+        "replacing another) and holds samples of both."
+    ),
+}
+
+
+def classify(first: Truth, last: Truth) -> tuple[WindowKind, frozenset[str]]:
+    """The kind of a window from the truth at its first and last sample, and the right labels."""
+    if first.condition is not last.condition and not (
+        first.condition is Condition.HEALTHY and last.severity < _TRAINED_MIN_SEVERITY
+    ):
+        return WindowKind.CHANGE, frozenset({first.condition.value, last.condition.value})
+    right = frozenset({last.condition.value})
+    if last.condition is Condition.HEALTHY:
+        return WindowKind.HEALTHY, right
+    if last.severity < _TRAINED_MIN_SEVERITY:
+        return WindowKind.WEAK, right
+    return (WindowKind.RAMPING if last.ramping else WindowKind.DEVELOPED), right
+
+
 @dataclass
-class _AssetView:
-    label: str = "-"
-    score: float = 0.0
-    predictions: int = 0
-    labels: Counter[str] = field(default_factory=Counter)
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+class _Latest:
+    label: str
+    score: float
+    kind: WindowKind
+    right: bool
+
+
+@dataclass
+class Scorecard:
+    """Per pump and kind of window: predictions made and how many named the true condition."""
+
+    windows: dict[str, Counter[WindowKind]] = field(default_factory=dict)
+    matched: dict[str, Counter[WindowKind]] = field(default_factory=dict)
+    labels: dict[str, Counter[str]] = field(default_factory=dict)
+    latest: dict[str, _Latest] = field(default_factory=dict)
+    marks_seen: set[str] = field(default_factory=set)
+
+    def add(self, asset: str, label: str, score: float, first: Truth, last: Truth) -> bool:
+        """Score one prediction of ASSET's window; returns whether it was right."""
+        kind, right_labels = classify(first, last)
+        right = label in right_labels
+        self.windows.setdefault(asset, Counter())[kind] += 1
+        self.matched.setdefault(asset, Counter())[kind] += right
+        self.labels.setdefault(asset, Counter())[label] += 1
+        self.latest[asset] = _Latest(label, score, kind, right)
+        if not right:
+            self.marks_seen.add(_MARKS.get(kind, "*"))
+        return right
+
+    def share(self, asset: str, kind: WindowKind) -> str:
+        """'97% of 120' or '-' when ASSET had no window of KIND."""
+        n = self.windows.get(asset, Counter())[kind]
+        if not n:
+            return "-"
+        return f"{self.matched[asset][kind] / n:.0%} of {n}"
+
+    def legend(self, *, short: bool = False) -> list[str]:
+        """The explanation of each kind of mark the run has shown so far."""
+        if short:
+            return [text for mark, text in _LEGEND_SHORT.items() if mark in self.marks_seen]
+        return [
+            line
+            for mark, text in _LEGEND.items()
+            if mark in self.marks_seen
+            for line in textwrap.wrap(text, 96, subsequent_indent="  ")
+        ]
+
+
+@dataclass(frozen=True)
+class _Prediction:
+    asset: str
+    label: str
+    score: float
+    start: float | None
+    end: float | None
+    latency_ms: float
 
 
 class PredictionBoard:
-    """Collects predictions from MQTT (on paho's thread) for the table."""
+    """Collects prediction messages from MQTT for the main thread to decode and score.
+
+    ``on_message`` runs on paho's thread, so it only appends the payload.
+    """
 
     def __init__(self) -> None:
-        self.assets: dict[str, _AssetView] = defaultdict(_AssetView)
         self.total = 0
+        self._new: list[bytes] = []
         self._lock = threading.Lock()
 
     def on_message(self, topic: str, payload: bytes, *meta: object) -> None:
-        """Record one prediction message."""
+        """Keep one prediction message."""
         del topic, meta
-        try:
-            msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
         with self._lock:
-            view = self.assets[str(msg.get("asset"))]
-            view.label = str(msg.get("label", "-"))
-            view.score = float(msg.get("score", 0.0))
-            view.predictions += 1
-            view.labels[view.label] += 1
-            view.latencies.append(float(msg["latency_ms"]["end_to_end"]))
+            self._new.append(payload)
             self.total += 1
 
-    def snapshot(self) -> dict[str, _AssetView]:
-        """A consistent copy for drawing."""
+    def take(self) -> list[_Prediction]:
+        """The predictions received since the last call, oldest first; unreadable ones skipped."""
         with self._lock:
-            return {
-                k: _AssetView(
-                    v.label, v.score, v.predictions, Counter(v.labels), deque(v.latencies)
-                )
-                for k, v in self.assets.items()
-            }
+            new, self._new = self._new, []
+        return [p for p in map(_decode, new) if p is not None]
 
 
-def _render(
-    sim: PlantSimulator, board: PredictionBoard, daemon: Daemon, where: str, elapsed: float,
-    duration: float, rates: tuple[float, float],
-) -> str:
-    snap = board.snapshot()
+def _decode(payload: bytes) -> _Prediction | None:
+    try:
+        msg = orjson.loads(payload)
+        window = msg.get("window") or {}
+        return _Prediction(
+            str(msg.get("asset")), str(msg.get("label", "-")), float(msg.get("score", 0.0)),
+            window.get("start"), window.get("end"), float(msg["latency_ms"]["end_to_end"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class _Run:
+    """What the table and the summary are drawn from."""
+
+    sim: PlantSimulator
+    board: PredictionBoard
+    daemon: Daemon
+    header: list[str]
+    duration: float
+    card: Scorecard = field(default_factory=Scorecard)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def score(self) -> None:
+        """Score the predictions that came in since the last call."""
+        for p in self.board.take():
+            self.latencies.append(p.latency_ms)
+            if p.start is None or p.end is None:
+                continue
+            first = self.sim.truth_at(p.asset, self.sim.sample_index(p.start))
+            last = self.sim.truth_at(p.asset, self.sim.sample_index(p.end))
+            self.card.add(p.asset, p.label, p.score, first, last)
+
+    def pipeline_stats(self) -> dict[str, dict[str, object]]:
+        """Daemon.stats() of each pipeline."""
+        stats = self.daemon.stats()["pipelines"]
+        assert isinstance(stats, dict)  # noqa: S101 - narrows the type for mypy
+        return stats
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _header(
+    config: Config, where: str, host: str, port: int, faults: Sequence[Fault],
+    metrics_url: str | None,
+) -> list[str]:
+    """Where everything is: broker, topics, faults, metrics, and a command to watch predictions."""
+    gateway = config.gateway.id
+    pipeline = config.pipelines[0]
+    per_asset = config.topics.predictions.format(
+        gateway=gateway, pipeline=pipeline.name, asset="+"
+    )
+    fault_text = ", ".join(f.spec() for f in faults) + " (@onset+ramp s)" if faults else "none"
+    lines = [
+        f"  broker       {where}",
+        f"  input        {', '.join(pipeline.subscribe)}  (pumps: plant/line1/pump-NN/vibration)",
+        f"  predictions  {per_asset}  (one topic per pump)",
+        f"  state        {config.topics.state.format(gateway=gateway)}  (retained)",
+        *textwrap.wrap(fault_text, 100, initial_indent="  faults       ",
+                       subsequent_indent=" " * 15, break_long_words=False,
+                       break_on_hyphens=False),
+    ]
+    if metrics_url:
+        lines.append(f"  metrics      {metrics_url}")
+    # Ready to paste whole: the comment is the shell's.
+    topic_filter = shlex.quote(_watch_filter(config))
+    lines.append(
+        f"  mosquitto_sub -h {shlex.quote(host)} -p {port} -t {topic_filter} -v"
+        "   # watch the predictions"
+    )
+    return lines
+
+
+def _render(run: _Run, elapsed: float, rates: tuple[float, float]) -> str:
+    plant = run.sim.config
     lines = [
         (
-            f"Floorline demo · {where} · {sim.config.assets} pumps at {sim.config.rate:g} "
-            f"samples/s · {elapsed:4.0f}/{duration:.0f} s   (Ctrl-C to stop)"
+            f"Floorline demo · {plant.assets} pumps at {plant.rate:g} samples/s · "
+            f"{elapsed:4.0f}/{run.duration:g} s   (Ctrl-C to stop)"
         ),
+        *run.header,
         "",
         f"{'asset':<9} {'true condition':<27} {'predicted':<20} {'score':>5}  {'preds':>6}",
     ]
-    for name in sim.config.asset_names():
-        truth, severity = sim.condition_of(name)
+    for name in plant.asset_names():
+        truth, severity = run.sim.condition_of(name)
         truth_text = truth if truth == "healthy" else f"{truth} ({severity:.0%})"
-        view = snap.get(name, _AssetView())
-        mark = " " if view.label in ("-", truth) else "*"
+        latest = run.card.latest.get(name)
+        label, score, mark = "-", 0.0, " "
+        if latest is not None:
+            label, score = latest.label, latest.score
+            mark = " " if latest.right else _MARKS.get(latest.kind, "*")
+        count = sum(run.card.windows.get(name, Counter()).values())
         lines.append(
-            f"{name:<9} {truth_text:<27} {view.label:<20}{mark}{view.score:5.2f}  "
-            f"{view.predictions:6d}"
+            f"{name:<9} {truth_text:<27} {label:<20}{mark}{score:5.2f}  {count:6d}"
         )
-    stats = daemon.stats()["pipelines"]
-    assert isinstance(stats, dict)  # noqa: S101
-    dead = sum(sum(p["dead_letters"].values()) for p in stats.values())
-    lat = sorted(x for v in snap.values() for x in v.latencies)
+    dead = sum(p.dead_letters.total() for p in run.daemon.pipelines)
+    lat = sorted(run.latencies)
     p50 = lat[len(lat) // 2] if lat else 0.0
     lines += [
         "",
@@ -190,9 +422,113 @@ def _render(
             f"in {rates[0]:7,.0f} msg/s · predictions {rates[1]:5,.0f}/s · dead letters {dead} · "
             f"end-to-end p50 {p50:.1f} ms"
         ),
-        "* prediction differs from the simulator's truth (early, low-severity faults look healthy)",
+        *run.card.legend(short=True),
     ]
     return "\n".join(lines)
+
+
+def _summary(run: _Run) -> str:
+    card = run.card
+    names = run.sim.config.asset_names()
+    kinds: list[WindowKind] = [k for k in WindowKind if k is not WindowKind.CHANGE]
+    if any(card.windows.get(n, Counter())[WindowKind.CHANGE] for n in names):
+        kinds.append(WindowKind.CHANGE)
+    intro = (
+        "summary: share of each pump's predictions that named the condition it really had in the "
+        "window they were made on, by what the pump was doing then (ramping: a fault still "
+        f"growing, already at {_TRAINED_MIN_SEVERITY:.0%} severity or more"
+        + ("; mixed: the window spans a sudden change of condition)"
+           if WindowKind.CHANGE in kinds else ")")
+    )
+    lines = [
+        "",
+        *textwrap.wrap(intro, 96),
+        f"{'asset':<9} {'condition at end':<20} "
+        + "".join(f"{_COLUMNS[k]:<13}  " for k in kinds)
+        + "labels predicted",
+    ]
+    for name in names:
+        truth, _ = run.sim.condition_of(name)
+        seen = ", ".join(f"{k} {n}" for k, n in card.labels.get(name, Counter()).most_common())
+        lines.append(
+            f"{name:<9} {truth:<20} "
+            + "".join(f"{card.share(name, k):<13}  " for k in kinds)
+            + seen
+        )
+    if card.legend():
+        lines += ["", "where predictions differed from the truth (marks in the live table):"]
+        lines += card.legend()
+    lines.append("")
+    for pname, s in run.pipeline_stats().items():
+        lines.append(
+            f"pipeline {pname}: {s.get('received', 0)} messages, {s.get('windows', 0)} windows, "
+            f"{s.get('predictions', 0)} predictions, dead letters {s.get('dead_letters')}"
+        )
+    lines.append(f"simulator published {run.sim.messages} messages ({run.sim.samples} samples)")
+    return "\n".join(lines)
+
+
+def _show(run: _Run, out: TextIO, tty: bool) -> None:
+    """Run the simulator for its duration, redrawing the table (or printing a line) as it goes."""
+    sim_thread = threading.Thread(
+        target=run.sim.run, kwargs={"duration": run.duration}, daemon=True
+    )
+    start = time.monotonic()
+    sim_thread.start()
+    last = (start, 0, 0)
+    try:
+        while sim_thread.is_alive():
+            sim_thread.join(1.0 if tty else 5.0)
+            run.score()
+            now = time.monotonic()
+            received = sum(p.counters["received"] for p in run.daemon.pipelines)
+            dt = max(now - last[0], 1e-6)
+            rates = ((received - last[1]) / dt, (run.board.total - last[2]) / dt)
+            last = (now, received, run.board.total)
+            if tty:
+                # No newline after the frame: a frame as high as the terminal must not scroll.
+                out.write("\x1b[H\x1b[J" + _render(run, now - start, rates))
+            elif not sim_thread.is_alive():
+                break  # the summary follows at once
+            else:
+                out.write(
+                    f"t={now - start:3.0f}s  in {rates[0]:,.0f} msg/s · predictions "
+                    f"{rates[1]:,.0f}/s · {run.board.total} so far\n"
+                )
+            out.flush()
+    except KeyboardInterrupt:
+        run.sim.stop()
+        sim_thread.join(2)
+    if tty:
+        out.write("\n")
+
+
+def _wait_drained(run: _Run, timeout: float = 5.0) -> None:
+    """Wait up to TIMEOUT for every published message to be handled and predicted on.
+
+    So the summary covers the whole run; QoS 0 may lose messages, hence the bound.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        handled = windows = predicted = failed = 0
+        for p in run.daemon.pipelines:
+            handled += p.counters["decoded"] + p.counters["control"] + p.dead_letters.total()
+            windows += p.counters["windows"]
+            predicted += p.counters["predictions"]
+            failed += p.dead_letters["inference_failed"]
+        if (handled >= run.sim.messages and predicted + failed >= windows
+                and run.board.total >= predicted):
+            return
+        time.sleep(0.05)
+
+
+def _prometheus_installed() -> bool:
+    # The same module floorline.edge.service.metrics imports when it starts the endpoint.
+    try:
+        import prometheus_client  # noqa: F401, PLC0415 - optional extra, checked before starting
+    except ImportError:
+        return False
+    return True
 
 
 def run_demo(
@@ -208,105 +544,103 @@ def run_demo(
 ) -> int:
     """Run the whole demo; returns an exit code. Prints a summary at the end.
 
-    FAULTS default to DEFAULT_FAULTS for the pumps that exist; explicit ones must name real pumps.
+    FAULTS default to :func:`default_faults` for the pumps that exist, scaled to DURATION;
+    explicit ones are used as given and must name real pumps.
     """
     out = out or sys.stdout
     tty = out.isatty() and os.environ.get("TERM") != "dumb"
+    if not duration > 0:
+        print(f"floorline demo: --duration must be > 0, got {duration:g}", file=sys.stderr)
+        return 2
+    if metrics_port is not None and not _prometheus_installed():
+        print(
+            "floorline demo: --metrics-port needs prometheus-client, which is not installed: "
+            "pip install 'floorline[metrics]'",
+            file=sys.stderr,
+        )
+        return 2
     try:
         plant = PlantConfig(assets=assets, rate=rate)
-        names = set(plant.asset_names())
+        names = plant.asset_names()
         if faults is None:
-            faults = tuple(f for f in DEFAULT_FAULTS if f.split("=", 1)[0] in names)
-        plant.faults = [Fault.parse(f) for f in faults]
+            plant.faults = list(default_faults(duration, names))
+        else:
+            plant.faults = [Fault.parse(f) for f in faults]
     except ValueError as exc:
         print(f"floorline demo: {exc}", file=sys.stderr)
         return 2
-    if unknown := sorted({f.asset for f in plant.faults} - names):
+    if unknown := sorted({f.asset for f in plant.faults} - set(names)):
         print(f"floorline demo: faults name pumps that do not exist: {', '.join(unknown)}",
               file=sys.stderr)
         return 2
     with broker(host, port) as (bhost, bport, where):
         config = demo_config(bhost, bport)
-        daemon = Daemon(config)
-        daemon.load()
-        metrics_server = None
-        if metrics_port is not None:
-            metrics_server = daemon.metrics.start_http("127.0.0.1", metrics_port)
-        if metrics_server is not None:
-            out.write(f"metrics: http://127.0.0.1:{metrics_server.port}/metrics\n")
-        board = PredictionBoard()
-        watcher = MqttTransport(
-            config.broker, f"floorline-demo-view-{os.getpid()}", board.on_message,
-            [("floorline/demo/pred/#", 0)],
-        )
-        publisher = MqttTransport(config.broker, f"floorline-demo-plant-{os.getpid()}",
-                                  lambda *_: None, [])
-        sim = PlantSimulator(plant, lambda t, p: publisher.publish(t, p, 0, False))
         try:
-            daemon.start()
-            watcher.start()
-            publisher.start()
-            if not (daemon.transport and daemon.transport.wait_connected(10)
-                    and watcher.wait_connected(10) and publisher.wait_connected(10)):
-                print(f"floorline demo: could not connect to the {where}", file=sys.stderr)
-                return 1
-            if not tty:
-                out.write(f"floorline demo: {where}; {assets} pumps at {rate:g} samples/s for "
-                          f"{duration:g} s; faults: {', '.join(faults) or 'none'}\n")
-            _show(sim, board, daemon, where, duration, out, tty)
-            time.sleep(0.5)  # let the last windows come back before the summary
+            return _run(config, plant, where, duration, metrics_port, out, tty)
         finally:
-            daemon.stop()
-            watcher.stop()
-            publisher.stop()
-            if metrics_server is not None:
-                metrics_server.stop()
-    out.write(_summary(sim, board, daemon) + "\n")
+            if config.state_dir is not None:  # always: demo_config made it
+                shutil.rmtree(config.state_dir, ignore_errors=True)
+
+
+def _run(
+    config: Config, plant: PlantConfig, where: str, duration: float, metrics_port: int | None,
+    out: TextIO, tty: bool,
+) -> int:
+    daemon = Daemon(config)
+    board = PredictionBoard()
+    header_host, header_port = config.broker.host, config.broker.port
+    watcher = MqttTransport(
+        config.broker, f"floorline-demo-view-{os.getpid()}", board.on_message,
+        [(_watch_filter(config), 0)],
+    )
+    publisher = MqttTransport(config.broker, f"floorline-demo-plant-{os.getpid()}",
+                              lambda *_: None, [])
+    sim = PlantSimulator(plant, lambda t, p: publisher.publish(t, p, 0, False))
+    metrics_server = None
+    try:
+        daemon.load()
+        if metrics_port is not None:
+            try:
+                metrics_server = daemon.metrics.start_http("127.0.0.1", metrics_port)
+            except FloorlineError as exc:
+                print(f"floorline demo: {exc}", file=sys.stderr)
+                return 1
+        metrics_url = (
+            f"http://127.0.0.1:{metrics_server.port}/metrics" if metrics_server else None
+        )
+        run = _Run(sim, board, daemon,
+                   _header(config, where, header_host, header_port, plant.faults, metrics_url),
+                   duration)
+        daemon.start()
+        watcher.start()
+        publisher.start()
+        if not (daemon.transport and daemon.transport.wait_connected(10)
+                and watcher.wait_connected(10) and publisher.wait_connected(10)):
+            print(f"floorline demo: could not connect to the {where}", file=sys.stderr)
+            return 1
+        if not tty:
+            out.write(
+                f"Floorline demo · {plant.assets} pumps at {plant.rate:g} samples/s for "
+                f"{duration:g} s\n" + "\n".join(run.header) + "\n"
+            )
+            out.flush()
+        _show(run, out, tty)
+        _wait_drained(run)
+        run.score()
+    finally:
+        daemon.stop()
+        watcher.stop()
+        publisher.stop()
+        if metrics_server is not None:
+            metrics_server.stop()
+    out.write(_summary(run) + "\n")
     return 0
 
 
-def _show(
-    sim: PlantSimulator, board: PredictionBoard, daemon: Daemon, where: str, duration: float,
-    out: TextIO, tty: bool,
-) -> None:
-    """Run the simulator for DURATION, redrawing the table (or printing a line) as it goes."""
-    sim_thread = threading.Thread(target=sim.run, kwargs={"duration": duration}, daemon=True)
-    start = time.monotonic()
-    sim_thread.start()
-    last = (start, 0, 0)
-    try:
-        while sim_thread.is_alive():
-            sim_thread.join(1.0 if tty else 5.0)
-            now = time.monotonic()
-            received = sum(p.counters["received"] for p in daemon.pipelines)
-            dt = max(now - last[0], 1e-6)
-            rates = ((received - last[1]) / dt, (board.total - last[2]) / dt)
-            last = (now, received, board.total)
-            frame = _render(sim, board, daemon, where, now - start, duration, rates)
-            if tty:
-                out.write("\x1b[H\x1b[J" + frame + "\n")
-            else:
-                out.write(f"t={now - start:3.0f}s  " + frame.splitlines()[-2].strip() + "\n")
-            out.flush()
-    except KeyboardInterrupt:
-        sim.stop()
-        sim_thread.join(2)
-
-
-def _summary(sim: PlantSimulator, board: PredictionBoard, daemon: Daemon) -> str:
-    snap = board.snapshot()
-    lines = ["", "summary", f"{'asset':<9} {'final truth':<20} {'last prediction':<20} labels seen"]
-    for name in sim.config.asset_names():
-        truth, _ = sim.condition_of(name)
-        view = snap.get(name, _AssetView())
-        seen = ", ".join(f"{k} {n}" for k, n in view.labels.most_common())
-        lines.append(f"{name:<9} {truth:<20} {view.label:<20} {seen}")
-    stats = daemon.stats()["pipelines"]
-    assert isinstance(stats, dict)  # noqa: S101
-    for pname, s in stats.items():
-        lines.append(
-            f"pipeline {pname}: {s.get('received', 0)} messages, {s.get('windows', 0)} windows, "
-            f"{s.get('predictions', 0)} predictions, dead letters {s.get('dead_letters')}"
-        )
-    lines.append(f"simulator published {sim.messages} messages ({sim.samples} samples)")
-    return "\n".join(lines)
+def _watch_filter(config: Config) -> str:
+    """A filter for every prediction of this gateway, e.g. floorline/demo/pred/#."""
+    # The demo's pipeline keeps the gateway's default prediction topic.
+    template = config.topics.predictions
+    prefix = template.format(gateway=config.gateway.id, pipeline="\0", asset="\0")
+    prefix = prefix.split("\0", 1)[0].rstrip("/")
+    return f"{prefix}/#" if prefix else "#"

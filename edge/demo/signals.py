@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONDITIONS",
+    "DEFAULT_SEVERITY_RANGE",
     "FEATURES",
     "SAMPLE_RATE_HZ",
     "AssetParams",
@@ -68,6 +69,11 @@ class Condition(str, Enum):
 
 CONDITIONS: tuple[Condition, ...] = tuple(Condition)
 """Label order of :func:`make_dataset` and of the example model's outputs."""
+
+DEFAULT_SEVERITY_RANGE: tuple[float, float] = (0.3, 1.0)
+"""Fault severities :func:`make_dataset` draws by default, and so the only ones the example model
+saw in training (``floorline.converter.examples.pdm`` keeps the default): a fault weaker than the
+lower bound is outside what it learnt, and mostly reads healthy."""
 
 _CODE = {condition: code for code, condition in enumerate(CONDITIONS)}
 _HEALTHY, _IMBALANCE, _BEARING, _LOOSENESS = range(len(CONDITIONS))
@@ -555,7 +561,7 @@ def make_dataset(
     n_per_class: int,
     window: int,
     rng: np.random.Generator,
-    severity_range: tuple[float, float] = (0.3, 1.0),
+    severity_range: tuple[float, float] = DEFAULT_SEVERITY_RANGE,
     *,
     sample_rate_hz: float = SAMPLE_RATE_HZ,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:

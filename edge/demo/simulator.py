@@ -1,9 +1,10 @@
 """A synthetic plant: N rotating assets publishing 3-axis vibration and temperature over MQTT.
 
-It uses the same physics (``floorline.edge.demo.signals``) as the example model's training data, so
-the example
-bundle recognises its faults. Faults can be scheduled per asset: the severity ramps from 0 to the
-target over a ramp time, as a real defect grows.
+It uses the same physics (``floorline.edge.demo.signals``) as the example model's training data,
+so the example bundle recognises its faults. Faults can be scheduled per asset: the severity ramps
+from 0 to the target over a ramp time, as a real defect grows. The condition every sample was
+generated with stays on record (:meth:`PlantSimulator.truth_at`), so a prediction can be scored
+against the truth of the very window it was made on.
 
 Time: the accelerometer is sampled at 1 kHz of *simulated* time; ``rate`` samples per second of
 wall time are published per asset. Timestamps in messages are simulated time, so windows and gap
@@ -18,12 +19,14 @@ Message formats (topics ``plant/{line}/{asset}/vibration`` and ``.../temperature
 
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Literal
 
 import numpy as np
@@ -57,6 +60,11 @@ class Fault:
         if self.ramp_s <= 0:
             return self.severity
         return self.severity * min(1.0, (elapsed - self.start_s) / self.ramp_s)
+
+    def spec(self) -> str:
+        """The fault as :meth:`parse` reads it, e.g. 'pump-03=imbalance@10+20'."""
+        text = f"{self.asset}={self.condition.value}@{self.start_s:g}+{self.ramp_s:g}"
+        return text if self.severity == 1.0 else f"{text}:{self.severity:g}"
 
     @classmethod
     def parse(cls, text: str) -> Fault:
@@ -104,6 +112,20 @@ class PlantConfig:
         return [f"pump-{i + 1:02d}" for i in range(self.assets)]
 
 
+@dataclass(frozen=True)
+class Truth:
+    """What an asset really had when a sample was generated: the simulator's ground truth."""
+
+    condition: Condition
+    severity: float
+    """0 while healthy."""
+    ramping: bool
+    """The fault's severity was still growing towards its target."""
+
+
+_HEALTHY = Truth(Condition.HEALTHY, 0.0, ramping=False)
+
+
 class _Asset:
     def __init__(self, name: str, signal: AssetSignal, faults: list[Fault]) -> None:
         self.name = name
@@ -112,6 +134,8 @@ class _Asset:
         self.sent = 0
         self.pending: list[np.ndarray] = []
         self.next_temperature = 0
+        # (first sample, truth from that sample on), appended as the condition changes.
+        self.history: list[tuple[int, Truth]] = [(0, _HEALTHY)]
 
 
 class PlantSimulator:
@@ -135,10 +159,13 @@ class PlantSimulator:
             )
             for name in names
         ]
+        self._by_name = {a.name: a for a in self._assets}
         self._t0 = config.start_time if config.start_time is not None else time.time()
         self.messages = 0
         self.samples = 0
         self._stop = threading.Event()
+        # The histories grow on run()'s thread and are read by whoever scores predictions.
+        self._history_lock = threading.Lock()
 
     def stop(self) -> None:
         """Ask run() to return after the current tick."""
@@ -146,10 +173,22 @@ class PlantSimulator:
 
     def condition_of(self, asset: str) -> tuple[str, float]:
         """The condition and severity an asset has now (ground truth, for the demo)."""
-        for a in self._assets:
-            if a.name == asset:
-                return a.signal.condition.value, a.signal.severity
-        raise KeyError(asset)
+        a = self._by_name[asset]
+        return a.signal.condition.value, a.signal.severity
+
+    def truth_at(self, asset: str, sample: int) -> Truth:
+        """The condition ASSET had when its sample number SAMPLE was generated.
+
+        For a sample not generated yet: the condition it has now.
+        """
+        a = self._by_name[asset]
+        with self._history_lock:
+            i = bisect.bisect_right(a.history, sample, key=itemgetter(0))
+            return a.history[max(i - 1, 0)][1]
+
+    def sample_index(self, ts: float) -> int:
+        """The sample number whose published timestamp is TS (the ``seq`` sent with it)."""
+        return round((ts - self._t0) * SAMPLE_RATE_HZ)
 
     def topic(self, asset: str, kind: str = "vibration") -> str:
         """The topic an asset publishes KIND on."""
@@ -198,6 +237,9 @@ class PlantSimulator:
         severity = fault.severity_at(elapsed)
         if (asset.signal.condition, asset.signal.severity) != (fault.condition, severity):
             asset.signal.set_condition(fault.condition, severity)
+            truth = Truth(fault.condition, asset.signal.severity, severity < fault.severity)
+            with self._history_lock:
+                asset.history.append((asset.sent, truth))
 
     def _emit(self, asset: _Asset, n: int) -> None:
         first = asset.sent
