@@ -1,28 +1,36 @@
-"""Broker fixtures: each starts its own mosquitto on a free port, never the system one on 1883.
+"""Broker fixtures: each starts its own broker on free ports, never the system ones (1883, 4222).
 
 ``mosquitto`` is a fresh plain broker per test (for tests that kill or restart it);
 ``mosquitto_session`` is one shared plain broker for tests that only need somewhere to talk, with
 ``unique_topic`` keeping their traffic apart. ``auth_broker``, ``tls_broker`` and ``mtls_broker``
-are per test. ``mqtt_client`` makes connected ``MqttProbe`` clients that are closed afterwards.
+are per test. ``nats`` is a nats-server per test with its MQTT listener and a JetStream store
+under the test's tmp_path (kill it, restart it: the store stays). ``mqtt_client`` makes
+connected ``MqttProbe`` clients that are closed afterwards.
+
+Tests that account for what a broker lost across kills record it with ``broker_losses``; the
+terminal summary lists those records, so a run says what each broker lost, not only pass/fail.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
 from tests.mqtt_broker import (
     AUTH_PASSWORD,
     AUTH_USER,
+    Broker,
     BrokerFactory,
     Config,
     Mosquitto,
     MqttProbe,
+    MqttVersion,
+    NatsServer,
     ProbeFactory,
     TlsMaterial,
     make_tls_material,
@@ -102,19 +110,29 @@ def mtls_broker(broker_factory: BrokerFactory, tls_material: TlsMaterial) -> Mos
 
 
 @pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own (MQTT 3.1.1 listener, JetStream store in tmp_path)."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def mqtt_client() -> Iterator[ProbeFactory]:
     """``mqtt_client(broker)`` → a connected MqttProbe; all are closed after the test.
 
     Credentials and TLS files default from the broker (its first user; its CA, and the client
-    certificate if it requires one); keyword arguments go to ``MqttProbe.connect``.
+    certificate if it requires one), the protocol to the newest the broker speaks; keyword
+    arguments go to ``MqttProbe.connect``.
     """
     probes: list[MqttProbe] = []
 
     def make(
-        broker: Mosquitto,
+        broker: Broker,
         *,
         client_id: str | None = None,
-        protocol: Literal["3.1.1", "5"] = "5",
+        protocol: MqttVersion | None = None,
+        persistent: bool = False,
         **connect: Any,
     ) -> MqttProbe:
         if broker.users and "username" not in connect:
@@ -124,10 +142,35 @@ def mqtt_client() -> Iterator[ProbeFactory]:
             if broker.require_certificate:
                 connect.setdefault("cert_file", broker.tls.client_cert)
                 connect.setdefault("key_file", broker.tls.client_key)
-        probe = MqttProbe(client_id, protocol=protocol)
+        probe = MqttProbe(client_id, protocol=protocol or broker.max_protocol,
+                          persistent=persistent)
         probes.append(probe)
         return probe.connect(broker.host, broker.port, **connect)
 
     yield make
     for probe in probes:
         probe.close()
+
+
+_LOSSES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def broker_losses(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``broker_losses("mosquitto: 120 acknowledged, 3 lost")``: listed in the terminal summary."""
+    lines = request.config.stash.setdefault(_LOSSES, [])
+
+    def record(line: str) -> None:
+        lines.append(f"{request.node.nodeid}: {line}")
+        request.node.user_properties.append(("broker_losses", line))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """List what brokers lost in the kill tests (the tests pass when floorline lost nothing)."""
+    lines = config.stash.get(_LOSSES, [])
+    if lines:
+        terminalreporter.section("messages lost by brokers (not by floorline)")
+        for line in lines:
+            terminalreporter.write_line(line)

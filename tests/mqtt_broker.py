@@ -1,9 +1,11 @@
-"""A real mosquitto per test, a paho probe client, and test TLS material.
+"""Real test brokers (mosquitto, nats-server), a paho probe client, and test TLS material.
 
-``Mosquitto`` runs the broker as a subprocess on a free 127.0.0.1 port, configured from the
-versioned templates in ``tests/mosquitto/``; it never touches a system broker on 1883. ``MqttProbe``
-is the other side of the wire: it subscribes, publishes and waits for messages with a deadline.
-``make_tls_material`` writes a throwaway CA, server and client certificate with ``cryptography``.
+``Mosquitto`` and ``NatsServer`` run their broker as a subprocess on free 127.0.0.1 ports,
+configured from the versioned files in ``tests/mosquitto/`` and ``tests/nats/``; they never touch
+the system brokers (mosquitto on 1883, NATS on 4222). Both can be killed with SIGKILL and started
+again with the same ports and stored state. ``MqttProbe`` is the other side of the wire: it
+subscribes, publishes and waits for messages with a deadline. ``make_tls_material`` writes a
+throwaway CA, server and client certificate with ``cryptography``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import datetime as dt
 import getpass
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -21,13 +24,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 from cryptography import x509
@@ -38,7 +42,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
+
 TEMPLATES = Path(__file__).parent / "mosquitto"
+NATS_TEMPLATES = Path(__file__).parent / "nats"
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 5.0
@@ -212,7 +220,7 @@ def make_tls_material(directory: Path, name: str = "floorline-test") -> TlsMater
     return material
 
 
-# -- the broker --------------------------------------------------------------------------------
+# -- the brokers -------------------------------------------------------------------------------
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -239,6 +247,7 @@ def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 Config = Literal["plain", "auth", "tls"]
+MqttVersion = Literal["3.1.1", "5"]
 _RUNNING = re.compile(r"mosquitto version \S+ running")
 
 
@@ -250,13 +259,224 @@ def _accepts(port: int) -> bool:
         return False
 
 
-class Mosquitto:
+class _BrokerProcess:
+    """What the test brokers share: a subprocess on 127.0.0.1 and its log file.
+
+    Ports are chosen at the first ``start()`` and kept by ``restart()``, so clients reconnect to
+    the same address and find the persisted state. Subclasses say how to render the config, what
+    to run and when the broker is ready.
+    """
+
+    program = "broker"
+    """The executable's name, for messages."""
+    max_protocol: MqttVersion = "5"
+    """The newest MQTT version the broker speaks; probes use it unless told otherwise."""
+    start_timeout_s = START_TIMEOUT_S
+    tls: TlsMaterial | None = None
+    require_certificate = False
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._ports_chosen = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._spawned: list[subprocess.Popen[bytes]] = []
+        self._finalizer = weakref.finalize(self, _kill_all, self._spawned)
+
+    # -- what subclasses provide --------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The MQTT port clients connect to."""
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's log file (appended to across restarts)."""
+        raise NotImplementedError
+
+    def _choose_ports(self) -> None:
+        raise NotImplementedError
+
+    def _render(self) -> None:
+        raise NotImplementedError
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self, log_mark: int) -> bool:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Files the broker needs before it starts (none by default)."""
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """The address the broker listens on."""
+        return HOST
+
+    @property
+    def pid(self) -> int | None:
+        """The running broker's process id, or None."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the broker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def users(self) -> dict[str, str]:
+        """User name → password of the broker's logins (none: anonymous clients)."""
+        return {}
+
+    @property
+    def stderr_path(self) -> Path:
+        """Where the broker's stderr goes (appended to across restarts)."""
+        return self.workdir / f"{self.program}.stderr"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start the broker and wait (bounded) until it is ready for MQTT clients."""
+        if self.running:
+            raise BrokerError(f"{self!r} is already running")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._ports_chosen:
+            self._spawn()
+            return self
+        # A free port can be taken between the probe and the broker's bind; pick others then.
+        for attempt in range(3):
+            self._choose_ports()
+            try:
+                self._spawn()
+            except BrokerError:
+                if attempt == 2 or "address already in use" not in self.log_tail().lower():
+                    raise
+                continue
+            self._ports_chosen = True
+            return self
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spawn(self) -> None:
+        self._render()
+        mark = self.log_mark()
+        self._prepare()
+        with self.stderr_path.open("ab") as stderr:
+            proc = subprocess.Popen(
+                self._argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # a Ctrl-C to pytest must not reach the broker first
+                # PR_SET_PDEATHSIG fires when the spawning *thread* exits, so only a broker
+                # started from the main thread may use it; others rely on the finalizer.
+                preexec_fn=(  # noqa: PLW1509 - prctl only, before exec
+                    _PREEXEC if threading.current_thread() is threading.main_thread() else None
+                ),
+            )
+        self._proc = proc
+        self._spawned.append(proc)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise BrokerError(
+                    f"{self.program} exited with {proc.returncode} on start:\n{self.log_tail()}"
+                )
+            if self._ready(mark):
+                return
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise BrokerError(
+                    f"{self.program} was not ready on {HOST}:{self.port} within "
+                    f"{self.start_timeout_s:g} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM and wait (the broker saves its state on the way out); SIGKILL if stuck."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT_S)
+
+    def kill(self) -> None:
+        """SIGKILL: the broker dies at once; what it had not written to disk is gone."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait(STOP_TIMEOUT_S)
+
+    def restart(self) -> Self:
+        """Stop (if running) and start again on the same ports with the same stored state."""
+        self.stop()
+        return self.start()
+
+    # -- the log ------------------------------------------------------------------------------
+
+    def log_mark(self) -> int:
+        """The log's current length: pass it as SINCE to look only at what happens next."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, since: int = 0) -> str:
+        """The log from byte offset SINCE on."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(since)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the log and of the broker's stderr, for failure messages."""
+        err = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        tail = self.log_text().splitlines()[-lines:]
+        text = "\n".join(tail) or f"({self.log_path.name} is empty)"
+        if err.strip():
+            text += "\n--- stderr ---\n" + "\n".join(err.splitlines()[-lines:])
+        return text
+
+    def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 5.0) -> str:
+        """Wait until a log line after offset SINCE matches PATTERN (a regex); return the line."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log_text(since).splitlines():
+                if regex.search(line):
+                    return line
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no broker log line matched {pattern!r} within {timeout:g} s:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.01)
+
+    def count_log(self, pattern: str, since: int = 0) -> int:
+        """How many log lines after offset SINCE match PATTERN."""
+        regex = re.compile(pattern)
+        return sum(1 for line in self.log_text(since).splitlines() if regex.search(line))
+
+
+class Mosquitto(_BrokerProcess):
     """A mosquitto subprocess on a free 127.0.0.1 port, from a template in tests/mosquitto/.
 
     WORKDIR holds the rendered ``mosquitto.conf``, the persistence database, ``mosquitto.log``
     and, for ``auth``, the password file. The port is chosen at the first ``start()`` and kept
     by ``restart()``, so clients reconnect to the same address and find the persisted state.
     """
+
+    program = "mosquitto"
+    max_protocol: MqttVersion = "5"
 
     def __init__(
         self,
@@ -267,15 +487,12 @@ class Mosquitto:
         tls: TlsMaterial | None = None,
         require_certificate: bool = False,
     ) -> None:
-        self.workdir = workdir
+        super().__init__(workdir)
         self.config = config
         self.tls = tls
         self.require_certificate = require_certificate
         self._users = dict(users or {})
         self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._spawned: list[subprocess.Popen[bytes]] = []
-        self._finalizer = weakref.finalize(self, _kill_all, self._spawned)
         if config == "auth" and not self._users:
             raise BrokerError("the auth config needs users={name: password}")
         if config == "tls" and tls is None:
@@ -287,26 +504,11 @@ class Mosquitto:
     # -- addresses and files ------------------------------------------------------------------
 
     @property
-    def host(self) -> str:
-        """The address the broker listens on."""
-        return HOST
-
-    @property
     def port(self) -> int:
         """The broker's port (fixed at the first start)."""
         if self._port is None:
             raise BrokerError("the broker has not been started yet")
         return self._port
-
-    @property
-    def pid(self) -> int | None:
-        """The running broker's process id, or None."""
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the broker process is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def users(self) -> dict[str, str]:
@@ -335,89 +537,20 @@ class Mosquitto:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> Mosquitto:
-        """Start the broker and wait (bounded) until its port accepts TCP connections."""
-        if self.running:
-            raise BrokerError(f"{self!r} is already running")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if self._port is not None:
-            self._spawn(self._port)
-            return self
-        # A free port can be taken between the probe and mosquitto's bind; pick another then.
-        for attempt in range(3):
-            port = free_port()
-            try:
-                self._spawn(port)
-            except BrokerError:
-                if attempt == 2 or "Address already in use" not in self.log_tail():
-                    raise
-                continue
-            self._port = port
-            return self
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _choose_ports(self) -> None:
+        self._port = free_port()
 
-    def _spawn(self, port: int) -> None:
-        self._render(port)
-        mark = self.log_mark()
+    def _argv(self) -> list[str]:
+        return [_find_mosquitto(), "-c", str(self.config_path)]
+
+    def _prepare(self) -> None:
         if self.config == "auth" and not self.password_file.exists():
             self._write_password_file()
-        with (self.workdir / "mosquitto.stderr").open("ab") as stderr:
-            proc = subprocess.Popen(
-                [_find_mosquitto(), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,  # a Ctrl-C to pytest must not reach the broker first
-                # PR_SET_PDEATHSIG fires when the spawning *thread* exits, so only a broker
-                # started from the main thread may use it; others rely on the finalizer.
-                preexec_fn=(  # noqa: PLW1509 - prctl only, before exec
-                    _PREEXEC if threading.current_thread() is threading.main_thread() else None
-                ),
-            )
-        self._proc = proc
-        self._spawned.append(proc)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise BrokerError(
-                    f"mosquitto exited with {proc.returncode} on start:\n{self.log_tail()}"
-                )
-            # "running" is logged after the listener is open; checking it too means a port
-            # another process grabbed in the meantime cannot pass for this broker's.
-            if _RUNNING.search(self.log_text(mark)) and _accepts(port):
-                return
-            if time.monotonic() >= deadline:
-                self.kill()
-                raise BrokerError(
-                    f"mosquitto did not accept connections on {HOST}:{port} within "
-                    f"{START_TIMEOUT_S:g} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.02)
 
-    def stop(self) -> None:
-        """SIGTERM and wait (mosquitto saves its database on the way out); SIGKILL if stuck."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT_S)
-
-    def kill(self) -> None:
-        """SIGKILL: the broker dies without saving; what the last autosave missed is lost."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.kill()
-        proc.wait(STOP_TIMEOUT_S)
-
-    def restart(self) -> Mosquitto:
-        """Stop (if running) and start again on the same port with the same persistence."""
-        self.stop()
-        return self.start()
+    def _ready(self, log_mark: int) -> bool:
+        # "running" is logged after the listener is open; checking it too means a port another
+        # process grabbed in the meantime cannot pass for this broker's.
+        return bool(_RUNNING.search(self.log_text(log_mark))) and _accepts(self.port)
 
     def reload(self, timeout: float = 5.0) -> None:
         """SIGHUP: mosquitto re-reads its config and password file; wait until it did."""
@@ -447,9 +580,9 @@ class Mosquitto:
         if result.returncode != 0:
             raise BrokerError(f"mosquitto_passwd failed: {result.stderr or result.stdout}")
 
-    def _render(self, port: int) -> None:
+    def _render(self) -> None:
         values: dict[str, object] = {
-            "port": port,
+            "port": self.port,
             "workdir": self.workdir,
             "run_user": getpass.getuser(),
             "password_file": self.password_file,
@@ -470,54 +603,6 @@ class Mosquitto:
                 raise BrokerError(f"tests/mosquitto/{name}.conf: no value for ${exc}") from exc
         self.config_path.write_text("\n".join(parts))
 
-    # -- the log ------------------------------------------------------------------------------
-
-    def log_mark(self) -> int:
-        """The log's current length: pass it as SINCE to look only at what happens next."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, since: int = 0) -> str:
-        """The log from byte offset SINCE on."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(since)
-                return log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the log and of mosquitto's stderr, for failure messages."""
-        stderr = self.workdir / "mosquitto.stderr"
-        err = stderr.read_text(errors="replace") if stderr.exists() else ""
-        tail = self.log_text().splitlines()[-lines:]
-        text = "\n".join(tail) or "(mosquitto.log is empty)"
-        if err.strip():
-            text += "\n--- stderr ---\n" + "\n".join(err.splitlines()[-lines:])
-        return text
-
-    def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 5.0) -> str:
-        """Wait until a log line after offset SINCE matches PATTERN (a regex); return the line."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.log_text(since).splitlines():
-                if regex.search(line):
-                    return line
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"no broker log line matched {pattern!r} within {timeout:g} s:\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(0.01)
-
-    def count_log(self, pattern: str, since: int = 0) -> int:
-        """How many log lines after offset SINCE match PATTERN."""
-        regex = re.compile(pattern)
-        return sum(1 for line in self.log_text(since).splitlines() if regex.search(line))
-
     def wait_subscribed(
         self, client_id: str, topic_filter: str, since: int = 0, timeout: float = 5.0
     ) -> None:
@@ -530,6 +615,172 @@ class Mosquitto:
         self.wait_for_log(
             rf"^\S+: {re.escape(client_id)} \d {re.escape(topic_filter)}$", since, timeout
         )
+
+
+# MQTT 3.1.1 CONNECT (clean session, keepalive 10 s) of a client id that follows, and DISCONNECT.
+_CONNECT_HEADER = b"\x00\x04MQTT\x04\x02\x00\x0a"
+_DISCONNECT = b"\xe0\x00"
+
+
+def _mqtt_connack(port: int, timeout: float = 2.0) -> bool:
+    """Whether an MQTT 3.1.1 CONNECT on PORT gets a CONNACK that accepts it (return code 0)."""
+    client_id = f"floorline-ready-{uuid.uuid4().hex[:8]}".encode()
+    body = _CONNECT_HEADER + len(client_id).to_bytes(2, "big") + client_id
+    packet = bytes([0x10, len(body)]) + body  # the body is < 128 bytes: one length byte
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.sendall(packet)
+            connack = b""
+            while len(connack) < 4:
+                chunk = sock.recv(4 - len(connack))
+                if not chunk:
+                    return False
+                connack += chunk
+            with contextlib.suppress(OSError):
+                sock.sendall(_DISCONNECT)
+    except OSError:
+        return False
+    return connack == b"\x20\x02\x00\x00"
+
+
+def _find_nats_server() -> str:
+    found = os.environ.get("FLOORLINE_NATS_SERVER") or shutil.which("nats-server")
+    if found is None and Path("/usr/sbin/nats-server").is_file():
+        found = "/usr/sbin/nats-server"
+    if found is None:
+        raise BrokerError(
+            "nats-server not found: install it (apt install nats-server) or set "
+            "FLOORLINE_NATS_SERVER"
+        )
+    return found
+
+
+# How NATS spells an MQTT topic filter as a subject (its docs, "MQTT Topics and NATS Subjects").
+_MQTT_TO_NATS = str.maketrans({"/": ".", ".": "//", "+": "*", "#": ">", " ": "%x20"})
+
+
+class NatsServer(_BrokerProcess):
+    """A nats-server with its MQTT listener, from tests/nats/nats.conf, on free ports.
+
+    NATS keeps every MQTT session, QoS 1 message and retained message in JetStream streams; the
+    store is WORKDIR/store, so ``kill()`` then ``start()`` (or ``restart()``) finds it again.
+    WORKDIR also holds the rendered ``nats.conf`` and ``nats.log``. Three ports: NATS clients
+    (unused by the tests, but the server always opens it), MQTT (``port``) and monitoring
+    (``monitor``). Ready means the log says so *and* an MQTT CONNECT gets its CONNACK: NATS
+    creates its MQTT streams on the first CONNECT, and after a SIGKILL it recovers JetStream
+    before it can accept one.
+
+    MQTT 3.1.1 only (``max_protocol``); QoS 2 is not supported by 2.9 (publishing QoS 2 closes
+    the connection; a QoS 2 subscription is granted QoS 1).
+    """
+
+    program = "nats-server"
+    max_protocol: MqttVersion = "3.1.1"
+    # JetStream replays its store after a SIGKILL before the MQTT listener accepts a CONNECT.
+    start_timeout_s = 15.0
+
+    def __init__(self, workdir: Path, *, ack_wait_s: float = 2.0, max_ack_pending: int = 1000):
+        super().__init__(workdir)
+        self.ack_wait_s = ack_wait_s
+        self.max_ack_pending = max_ack_pending
+        self.server_name = f"floorline-test-{uuid.uuid4().hex[:8]}"
+        self._ports: dict[str, int] | None = None
+
+    def __repr__(self) -> str:
+        port = self._ports["mqtt"] if self._ports else None
+        return f"<NatsServer {self.host}:{port} pid={self.pid}>"
+
+    @property
+    def port(self) -> int:
+        """The MQTT listener's port (fixed at the first start)."""
+        return self._port_of("mqtt")
+
+    @property
+    def client_port(self) -> int:
+        """The NATS client port."""
+        return self._port_of("client")
+
+    @property
+    def monitor_port(self) -> int:
+        """The HTTP monitoring port (/varz, /jsz, /connz)."""
+        return self._port_of("monitor")
+
+    def _port_of(self, name: str) -> int:
+        if self._ports is None:
+            raise BrokerError("the broker has not been started yet")
+        return self._ports[name]
+
+    @property
+    def config_path(self) -> Path:
+        """The rendered nats.conf."""
+        return self.workdir / "nats.conf"
+
+    @property
+    def log_path(self) -> Path:
+        """nats.log (appended to across restarts)."""
+        return self.workdir / "nats.log"
+
+    @property
+    def store_dir(self) -> Path:
+        """JetStream's store (sessions, QoS 1 messages, retained messages)."""
+        return self.workdir / "store"
+
+    def monitor(self, endpoint: str) -> dict[str, Any]:
+        """GET a monitoring endpoint, e.g. ``jsz?streams=true``, parsed."""
+        url = f"http://{HOST}:{self.monitor_port}/{endpoint}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body: dict[str, Any] = json.load(response)
+        return body
+
+    def backlog(self, topic_filter: str) -> tuple[int, int]:
+        """QoS 1 messages the broker holds for subscriptions to TOPIC_FILTER, every session.
+
+        (in flight: sent and not yet acknowledged, queued: not yet sent), from the JetStream
+        consumers NATS keeps per QoS 1 subscription.
+        """
+        subject = "$MQTT.msgs." + topic_filter.translate(_MQTT_TO_NATS)
+        report = self.monitor("jsz?accounts=true&streams=true&consumers=true&config=true")
+        in_flight = queued = 0
+        for account in report.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                for consumer in stream.get("consumer_detail") or []:
+                    if consumer["config"].get("filter_subject") == subject:
+                        in_flight += consumer["num_ack_pending"]
+                        queued += consumer["num_pending"]
+        return in_flight, queued
+
+    def _choose_ports(self) -> None:
+        ports: set[int] = set()
+        while len(ports) < 3:  # three distinct ones: a released port can come back at once
+            ports.add(free_port())
+        self._ports = dict(zip(("client", "mqtt", "monitor"), sorted(ports), strict=True))
+
+    def _argv(self) -> list[str]:
+        return [_find_nats_server(), "-c", str(self.config_path)]
+
+    def _ready(self, log_mark: int) -> bool:
+        return "Server is ready" in self.log_text(log_mark) and _mqtt_connack(self.port)
+
+    def _render(self) -> None:
+        values = {
+            "server_name": self.server_name,
+            "client_port": self.client_port,
+            "mqtt_port": self.port,
+            "monitor_port": self.monitor_port,
+            "log_file": self.log_path,
+            "store_dir": self.store_dir,
+            "ack_wait": f"{self.ack_wait_s:g}s",
+            "max_ack_pending": self.max_ack_pending,
+        }
+        text = (NATS_TEMPLATES / "nats.conf").read_text()
+        try:
+            self.config_path.write_text(Template(text).substitute(values))
+        except KeyError as exc:
+            raise BrokerError(f"tests/nats/nats.conf: no value for ${exc}") from exc
+
+
+Broker = Mosquitto | NatsServer
+"""Any test broker: what the probe and the daemon harness need is common to both."""
 
 
 # -- the probe client ----------------------------------------------------------------------------
@@ -561,15 +812,28 @@ class MqttProbe:
     the probe subscribes again, so it survives broker restarts in fault tests; that re-subscribe
     is not waited for, so after a restart use ``Mosquitto.wait_subscribed(probe.client_id, ...)``
     before relying on messages from other clients.
+
+    PERSISTENT (MQTT 3.1.1 only) connects with clean session off: the broker keeps the
+    subscriptions and queues QoS 1 messages while the probe is away (a broker restart), and the
+    probe misses nothing the broker kept.
     """
 
-    def __init__(self, client_id: str | None = None, *, protocol: Literal["3.1.1", "5"] = "5"):
+    def __init__(
+        self,
+        client_id: str | None = None,
+        *,
+        protocol: Literal["3.1.1", "5"] = "5",
+        persistent: bool = False,
+    ) -> None:
         self.client_id = client_id or f"probe-{uuid.uuid4().hex[:8]}"
         self._v5 = protocol == "5"
+        if persistent and self._v5:
+            raise ProbeError("persistent probes speak MQTT 3.1.1 (clean session off)")
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else not persistent,
         )
         self._client.reconnect_delay_set(1, 1)
         self._client.on_connect = self._on_connect
@@ -600,14 +864,14 @@ class MqttProbe:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        del userdata, flags, properties
+        del userdata, properties
         with self._cond:
             self._connack = reason_code
             subscriptions = list(self._subscriptions.items())
             self._cond.notify_all()
         if reason_code.is_failure:
             return
-        if subscriptions:  # a reconnect: the clean session forgot them
+        if subscriptions and not flags.session_present:  # a reconnect to a fresh session
             client.subscribe(subscriptions)
         self.connected.set()
 
@@ -770,13 +1034,17 @@ class BrokerFactory(Protocol):
 
 
 class ProbeFactory(Protocol):
-    """Makes an MqttProbe connected to BROKER; credentials and TLS default from the broker."""
+    """Makes an MqttProbe connected to BROKER; credentials and TLS default from the broker.
+
+    PROTOCOL defaults to the newest the broker speaks (``broker.max_protocol``).
+    """
 
     def __call__(
         self,
-        broker: Mosquitto,
+        broker: Broker,
         *,
         client_id: str | None = None,
-        protocol: Literal["3.1.1", "5"] = "5",
+        protocol: MqttVersion | None = None,
+        persistent: bool = False,
         **connect: Any,
     ) -> MqttProbe: ...
