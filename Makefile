@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export FLOORLINE_EDGE_PYTHON := $(CURDIR)/.venv-edge/bin/python
 export FLOORLINE_TFLITE_PYTHON := $(CURDIR)/.venv-tflite/bin/python
+export FLOORLINE_MIN_PYTHON := $(CURDIR)/.venv-min/bin/python
 
 help:
 	@echo "make demo            simulated plant + daemon + live predictions (ARGS='--duration 120')"
@@ -34,4 +35,4 @@ example-bundle: bootstrap
 	$(PY) -m floorline.converter.examples.pdm --out edge/models/pdm-classifier
 
 clean:
-	rm -rf .venv .venv-edge .venv-tflite .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf .venv .venv-edge .venv-tflite .venv-min .mypy_cache .ruff_cache .pytest_cache build *.egg-info
