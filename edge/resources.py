@@ -11,7 +11,6 @@ only the top packages, not folders outside them.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from floorline.edge.errors import ConfigError
@@ -22,21 +21,21 @@ EXAMPLE_PREFIX = "example:"
 _EDGE = Path(__file__).resolve().parent
 
 
-def _shipped(package: str, folder: str) -> Path:
-    try:
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError:
-        return _EDGE.parent / folder
+def _shipped(installed: str, folder: str) -> Path:
+    # Plain paths, not importlib.resources: these data-only packages have no __init__.py, and
+    # files() of a namespace package is a MultiplexedPath whose str() is not a path.
+    inside = _EDGE / installed
+    return inside if inside.is_dir() else _EDGE.parent / folder
 
 
 def examples_dir() -> Path:
     """The example gateway configs and ``config.schema.json``."""
-    return _shipped("floorline.edge.examples", "configs")
+    return _shipped("examples", "configs")
 
 
 def units_dir() -> Path:
     """The systemd unit files (and the drop-in example)."""
-    return _shipped("floorline.edge.units", "systemd")
+    return _shipped("units", "systemd")
 
 
 def models_dir() -> Path:

@@ -43,7 +43,7 @@ def test_minimal_config_gets_sane_defaults():
         ("broker: {password_env: A, password_file: b}\n", "not both"),
         ("broker: {tls: {cert_file: c.pem}}\n", "cert_file and key_file go together"),
         ("limits: {inbox_size: 1}\n", "limits.inbox_size"),
-        ("surprise: 1\n", "surprise: Extra inputs are not permitted"),
+        ("surprise: 1\n", "surprise: unknown key"),
     ],
 )
 def test_invalid_sections_are_named(text, words):
@@ -125,7 +125,8 @@ def test_password_without_user_and_unreadable_files_are_clear(tmp_path, monkeypa
 
 
 def test_asset_from_payload_replaces_topic_segment():
-    text = PIPELINE + "    asset: {payload: true}\n"
+    text = PIPELINE.replace("{type: json}", "{type: json, asset: device}")
+    text += "    asset: {payload: true}\n"
     c = parse_config(cfg(pipelines=text))
     assert c.pipelines[0].asset.topic_segment is None
     assert c.pipelines[0].asset.payload
@@ -155,3 +156,217 @@ def test_unknown_example_bundle_is_a_config_error_naming_the_shipped_ones(tmp_pa
         f"{path}:6: pipelines.0.bundle: no example bundle 'pdm-classifer'; "
         "shipped: example:pdm-classifier"
     )
+
+
+# --- unknown keys: the nearest valid key ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PIPELINE + "    windw: {hop: 3}\n",
+         "g.yaml:7: pipelines.0.windw: unknown key; did you mean 'window'?"),
+        (PIPELINE.replace("{type: json}", "{type: json, feilds: {}}"),
+         "g.yaml:6: pipelines.0.decoder.feilds: unknown key; did you mean 'fields'?"),
+        (PIPELINE.replace("{type: json}", "{type: csv, columns: [a], delimeter: ';'}"),
+         "g.yaml:6: pipelines.0.decoder.delimeter: unknown key; did you mean 'delimiter'?"),
+        (PIPELINE + "    window: {max_gap: 1}\n",
+         "g.yaml:7: pipelines.0.window.max_gap: unknown key; did you mean 'max_gap_s'?"),
+        ("brokr: {host: x}\n" + PIPELINE, "g.yaml:1: brokr: unknown key; did you mean 'broker'?"),
+        ("broker: {tls: {ca_fil: x}}\n" + PIPELINE,
+         "g.yaml:1: broker.tls.ca_fil: unknown key; did you mean 'ca_file'?"),
+    ],
+)
+def test_an_unknown_key_names_the_nearest_valid_one(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "g.yaml")
+    assert expected in str(info.value)
+
+
+def test_an_unknown_key_nothing_like_a_valid_one_lists_the_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg("zzz: 1\n"), "g.yaml")
+    assert "zzz: unknown key; valid keys: broker, fleet, gateway, limits," in str(info.value)
+
+
+def test_a_misspelt_choice_names_the_nearest_one():
+    with pytest.raises(ConfigError, match="did you mean 'json'"):
+        parse_config(cfg(pipelines=PIPELINE.replace("{type: json}", "{type: jsn}")))
+    with pytest.raises(ConfigError, match="did you mean 'onnx'"):
+        parse_config(cfg(pipelines=PIPELINE + "    backend: onnnx\n"))
+
+
+def test_a_misspelt_section_in_a_push_names_the_nearest_pushable_one():
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg()).with_desired({"pipelnes": []}, "desired version 2")
+    assert str(info.value) == (
+        "desired version 2: a push may set only limits, logging, pipelines; not pipelnes; "
+        "did you mean 'pipelines' for 'pipelnes'?"
+    )
+
+
+def test_an_unknown_key_in_a_push_names_the_nearest_valid_one():
+    base = parse_config(cfg())
+    desired = {"pipelines": [{"name": "vib", "subscribe": ["a/#"], "bundle": "b",
+                              "decoder": {"type": "json"}, "windw": {}}]}
+    with pytest.raises(ConfigError) as info:
+        base.with_desired(desired, "desired version 3")
+    assert str(info.value) == (
+        "desired version 3: pipelines.0.windw: unknown key; did you mean 'window'?"
+    )
+
+
+# --- nothing is silently ignored -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "words"),
+    [
+        # The asset: decoder and pipeline must agree on where it comes from.
+        (PIPELINE.replace("{type: json}", "{type: json, asset: device}"),
+         "g.yaml:7: pipelines.0.decoder.asset", "asset.payload is not true"),
+        (PIPELINE.replace("{type: json}", "{type: csv, columns: [asset, ax, ay, az]}"),
+         "g.yaml:7: pipelines.0.decoder.columns", "asset.payload is not true"),
+        (PIPELINE + "    asset: {payload: true}\n",
+         "g.yaml:8: pipelines.0.asset.payload", "the decoder names no asset"),
+        (PIPELINE.replace("{type: json}", "{type: json, asset: d}")
+         + "    asset: {payload: true, topic_segment: 1}\n",
+         "g.yaml:8: pipelines.0.asset.topic_segment", "together with payload: true"),
+        # Window checks on what the samples do not carry.
+        (PIPELINE + "    window: {max_gap_s: 0.1}\n",
+         "g.yaml:8: pipelines.0.window.max_gap_s", "no timestamps"),
+        (PIPELINE.replace("{type: json}", "{type: binary}") + "    window: {max_gap_s: 0.1}\n",
+         "g.yaml:8: pipelines.0.window.max_gap_s", "no timestamps"),
+        (PIPELINE + "    window: {max_seq_gap: 5}\n",
+         "g.yaml:8: pipelines.0.window.max_seq_gap", "no sequence numbers"),
+        (PIPELINE + "    window: {max_seq_rewind: 50}\n",
+         "g.yaml:8: pipelines.0.window.max_seq_rewind", "no sequence numbers"),
+        # A unit without a timestamp; an interpreter for the other runtime; a wait never waited.
+        (PIPELINE.replace("{type: json}", "{type: json, timestamp_unit: ms}"),
+         "g.yaml:7: pipelines.0.decoder.timestamp_unit", "no timestamp path"),
+        (PIPELINE.replace("{type: json}", "{type: csv, columns: [ax, ay, az], "
+                                           "timestamp_unit: ms}"),
+         "g.yaml:7: pipelines.0.decoder.timestamp_unit", "no column holds a timestamp"),
+        (PIPELINE + "    backend: onnx\n    interpreter: tflite_runtime\n",
+         "g.yaml:9: pipelines.0.interpreter", "ignored"),
+        (PIPELINE + "    batch: {max_batch: 1, max_wait_ms: 20}\n",
+         "g.yaml:8: pipelines.0.batch.max_wait_ms", "no effect with max_batch: 1"),
+        # Session options that the protocol or clean_start make ineffective.
+        ("broker: {protocol: '3.1.1', clean_start: false, session_expiry_s: 60}\n" + PIPELINE,
+         "g.yaml:2: broker.session_expiry_s", "MQTT 5 only"),
+        ("broker: {session_expiry_s: 60}\n" + PIPELINE,
+         "g.yaml:2: broker.session_expiry_s", "clean_start: true"),
+        ("broker: {clean_start: false}\n" + PIPELINE,
+         "g.yaml:2: broker.clean_start", "without session_expiry_s"),
+        ("broker: {protocol: '3.1.1'}\nlimits: {max_packet_bytes: 4096}\n" + PIPELINE,
+         "g.yaml:3: limits.max_packet_bytes", "MQTT 5 only"),
+        # Templates str.format would fail on when publishing.
+        ("topics: {dead_letter: 'dlq/{asset}'}\n" + PIPELINE,
+         "g.yaml:2: topics.dead_letter", "unknown placeholder {asset}"),
+        ("topics: {predictions: 'p/{gatway}/{asset}'}\n" + PIPELINE,
+         "g.yaml:2: topics.predictions", "unknown placeholder {gatway}"),
+        ("topics: {state: 'state/#'}\n" + PIPELINE,
+         "g.yaml:2: topics.state", "'+' or '#'"),
+        (PIPELINE + "    output: {topic: 'p/{pipeline}/{assets}'}\n",
+         "g.yaml:8: pipelines.0.output.topic", "unknown placeholder {assets}"),
+    ],
+)
+def test_a_key_the_rest_of_the_config_makes_ineffective_is_an_error_at_its_line(
+    text, where, words
+):
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg(pipelines=text) if text.startswith("\n") else cfg(text), "g.yaml")
+    message = str(info.value)
+    assert where in message
+    assert words in message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "    window: {max_seq_gap: null}\n",  # switching off a check that cannot run is fine
+        "    backend: onnx\n",
+        "    batch: {max_batch: 1}\n",
+        "    batch: {max_batch: 1, max_wait_ms: 0}\n",
+    ],
+)
+def test_settings_that_take_effect_or_disable_are_accepted(extra):
+    parse_config(cfg(pipelines=PIPELINE + extra))
+
+
+def test_timestamps_and_sequences_make_the_window_checks_valid():
+    text = PIPELINE.replace("{type: json}", "{type: json, timestamp: ts, sequence: seq, "
+                                            "timestamp_unit: ms}")
+    text += "    window: {max_gap_s: 0.1, max_seq_gap: 2, max_seq_rewind: 50}\n"
+    window = parse_config(cfg(pipelines=text)).pipelines[0].window
+    assert (window.max_gap_s, window.max_seq_gap, window.max_seq_rewind) == (0.1, 2, 50)
+
+
+def test_a_push_to_a_mqtt_3_gateway_is_not_refused_for_defaults_it_never_set():
+    # The base config is re-validated with the push: defaults written out would read as set
+    # (limits.max_packet_bytes is an error when set on MQTT 3.1.1).
+    base = parse_config(cfg("broker: {protocol: '3.1.1'}\n"))
+    pushed = base.with_desired({"limits": {"inbox_size": 500}})
+    assert pushed.limits.inbox_size == 500
+    assert pushed.broker.protocol == "3.1.1"
+    with pytest.raises(ConfigError, match=r"limits\.max_packet_bytes: MQTT 5 only"):
+        base.with_desired({"limits": {"max_packet_bytes": 4096}})
+
+
+def test_durable_needs_a_session_the_broker_keeps():
+    durable = PIPELINE.replace("{type: json}", "{type: json, sequence: seq}") + \
+        "    ack: durable\n"
+    with pytest.raises(ConfigError, match=r"g\.yaml:8: pipelines\.0\.ack: durable"):
+        parse_config(cfg(pipelines=durable), "g.yaml")
+    with pytest.raises(ConfigError, match=r"pipelines\.0\.ack: durable needs sequence numbers"):
+        parse_config(cfg("broker: {clean_start: false, session_expiry_s: 60}\n",
+                         pipelines=PIPELINE + "    ack: durable\n"))
+    parse_config(cfg("broker: {clean_start: false, session_expiry_s: 60}\n", pipelines=durable))
+
+
+# --- windows start over after a gap by default ---------------------------------------------------
+
+
+def test_the_default_window_starts_over_after_a_gap_of_more_than_five_seconds():
+    import numpy as np  # noqa: PLC0415
+
+    from floorline.edge.decoders import Samples  # noqa: PLC0415
+    from floorline.edge.stream.window import Windower  # noqa: PLC0415
+
+    window = parse_config(cfg()).pipelines[0].window
+    assert window.max_gap_s == 5.0
+
+    def push(windower: Windower, times: list[float]) -> int:
+        samples = Samples(np.zeros((len(times), 1), np.float32), np.array(times), None, None)
+        return len(windower.push("a", samples, 0.0))
+
+    # A 1 Hz stream with jitter fills its windows ...
+    steady = Windower(4, 1, window)
+    assert push(steady, [0.0, 1.2, 2.1, 3.3, 4.0, 5.4, 6.2, 7.1]) == 2
+    assert steady.resets["time_gap"] == 0
+    # ... and an outage of more than 5 s starts the window over.
+    gap = Windower(4, 1, window)
+    assert push(gap, [0.0, 1.0, 2.0, 8.5, 9.5, 10.5]) == 0
+    assert gap.resets["time_gap"] == 1
+
+
+# --- where a pipeline is, for errors met building it ---------------------------------------------
+
+
+def test_errors_building_a_pipeline_name_the_file_the_key_line_and_the_pipeline(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(cfg(pipelines=PIPELINE + PIPELINE.replace("pipelines:\n", "").replace(
+        "name: vib", "name: vib2").replace("{type: json}", "\n      type: json\n"
+                                                         "      fields: {temp: t}")))
+    config = load_config(path)
+    error = config.pipeline_error(
+        1, ConfigError("decoder.fields: 'temp' is not a feature of the model")
+    )
+    assert isinstance(error, ConfigError)
+    assert str(error) == (
+        f"{path}:14: pipelines[1] (vib2): decoder.fields: 'temp' is not a feature of the model"
+    )
+    # Without a key, the line of the pipeline entry; the kind of error is kept.
+    with pytest.raises(ConfigError) as info, config.building(0):
+        raise ConfigError("something about the model")
+    assert str(info.value) == f"{path}:4: pipelines[0] (vib): something about the model"

@@ -10,6 +10,8 @@ import pytest
 
 from floorline.edge.backends import create
 from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.config.model import parse_config
+from floorline.edge.daemon.daemon import Daemon
 from floorline.edge.demo.signals import Condition
 from floorline.edge.stream.normalization import normalize
 from tests.daemon_harness import (
@@ -275,3 +277,220 @@ def test_mqtt5_maximum_packet_size_keeps_giant_messages_off_the_gateway(
         assert daemon.stats()["connects"] == 1  # the broker dropped the giant, not the client
     body = orjson.loads(dlq.payload)
     assert (body["reason"], body["size"]) == ("too_large", 2000)
+
+
+# -- oversize input: refused on arrival, before any inbox ----------------------------------------
+
+
+def _offline_daemon(tmp_path, pipelines: str, limits: str = "") -> Daemon:
+    """A loaded daemon (pipelines built, workers not started, no connection) whose publish path
+    and acknowledgements are recorded in ``daemon.sent`` and ``daemon.acked``."""
+    daemon = Daemon(parse_config(
+        f"gateway: {{id: gw-test}}\nstate_dir: '{tmp_path / 'state'}'\n"
+        "broker: {clean_start: false, session_expiry_s: 3600, client_id: gw-offline}\n"
+        f"{limits}pipelines:\n{pipelines}"
+    ))
+    daemon.load()
+    assert daemon.publisher is not None
+    daemon.sent = []  # type: ignore[attr-defined]
+    daemon.acked = []  # type: ignore[attr-defined]
+    daemon.publisher.submit = lambda messages, **_: daemon.sent.extend(messages)
+    daemon.acks.ack = lambda mid, _qos: daemon.acked.append(mid)
+    return daemon
+
+
+def _json_pipeline(name: str, topic: str, ack: str = "receipt") -> str:
+    return f"""
+  - name: {name}
+    subscribe: ["{topic}"]
+    qos: 1
+    ack: {ack}
+    bundle: "{EXAMPLE}"
+    decoder: {{type: json, timestamp: ts, sequence: seq}}
+"""
+
+
+@pytest.mark.parametrize("ack", ["receipt", "durable"])
+def test_a_giant_message_is_dead_lettered_on_arrival_and_crowds_out_nothing(tmp_path, ack):
+    # MQTT 3.1.1 negotiates no maximum packet size: whatever the broker takes reaches the router.
+    daemon = _offline_daemon(tmp_path, _json_pipeline("vibration", "plant/+/vibration", ack))
+    try:
+        topic = "plant/pump-a/vibration"
+        samples = asset_samples(200, seed=3)
+        giant = b'{"pad": "' + b"x" * (16 << 20) + b'"}'
+        good = [(topic, sample_payload(1.0 + i / 1000, i, row), 100 + i, 1)
+                for i, row in enumerate(samples)]
+        daemon.router.on_messages([*good[:100], (topic, giant, 7, 1), *good[100:]], 0.0)
+        pipeline = daemon.pipelines[0]
+        assert pipeline.inbox.qsize() == len(good)  # every good message queued, the giant not
+        assert pipeline.counters["dropped_inbox_full"] == 0
+        (report,) = daemon.sent
+        body = orjson.loads(report.payload)
+        assert (body["reason"], body["topic"], body["size"]) == ("too_large", topic, len(giant))
+        assert report.topic == "floorline/gw-test/dlq/vibration"
+        assert len(report.payload) < 700  # never the payload
+        assert 7 in daemon.acked  # its QoS 1 input is acknowledged at once, in both modes
+        assert (pipeline.counters["received"], pipeline.dead_letters["too_large"]) == (201, 1)
+    finally:
+        daemon.stop()
+
+
+def test_no_single_message_may_take_more_than_a_quarter_of_a_receipt_inbox(tmp_path):
+    daemon = _offline_daemon(
+        tmp_path,
+        _json_pipeline("receipt", "plant/+/vibration")
+        + _json_pipeline("durable", "plant/+/durable", "durable"),
+        limits="limits: {inbox_bytes: 4096, max_payload_bytes: 65536}\n",
+    )
+    try:
+        receipt, durable = daemon.pipelines
+        assert receipt.max_payload == 4096 // 4 - 128  # a quarter, less the per-message overhead
+        assert durable.max_payload == 65536  # no byte bound on a durable inbox (MQTT 5 flow)
+        daemon.router.on_messages([
+            ("plant/a/vibration", b"x" * 897, 1, 1),  # one byte over the share
+            ("plant/a/vibration", b"y" * 896, 2, 1),  # exactly the share
+            ("plant/a/durable", b"z" * 2000, 3, 1),  # over the receipt share, fits durable
+            ("plant/a/durable", b"w" * 65537, 4, 1),
+        ], 0.0)
+        assert [m.payload[:1] for m in receipt.inbox.get_many(10, 0)] == [b"y"]
+        assert [m.payload[:1] for m in durable.inbox.get_many(10, 0)] == [b"z"]
+        reports = [orjson.loads(m.payload) for m in daemon.sent]
+        assert [(r["pipeline"], r["reason"], r["size"]) for r in reports] == [
+            ("receipt", "too_large", 897), ("durable", "too_large", 65537)]
+        assert reports[0]["detail"] == "over 896 bytes"
+        assert daemon.acked == [1, 2, 4]  # 3 waits for its durable pipeline
+    finally:
+        daemon.stop()
+
+
+def test_messages_dropped_by_a_full_inbox_are_logged_at_most_once_per_interval(tmp_path, caplog):
+    daemon = _offline_daemon(tmp_path, _json_pipeline("vibration", "plant/+/vibration"),
+                             limits="limits: {inbox_size: 10}\n")
+    try:
+        batch = [("plant/a/vibration", b"{}", 0, 0)] * 10
+        with caplog.at_level("WARNING", logger="floorline.edge.daemon.pipeline"):
+            for _ in range(4):
+                daemon.router.on_messages(batch, 0.0)  # the first fills the inbox
+        assert daemon.pipelines[0].counters["dropped_inbox_full"] == 30
+        (record,) = [r for r in caplog.records if "inbox full" in r.getMessage()]
+        assert "vibration" in record.getMessage()
+        assert "10 messages dropped since the last report, 10 in all" in record.getMessage()
+    finally:
+        daemon.stop()
+
+
+# -- sequence numbers beyond int64 ---------------------------------------------------------------
+
+
+def _durable(cfg: str) -> str:
+    pipeline = cfg.replace("    qos: 1\n", "    qos: 1\n    ack: durable\n", 1)
+    return pipeline.replace("keepalive: 10,", "keepalive: 10, clean_start: false, "
+                            "session_expiry_s: 3600, client_id: gw-durable-u64,")
+
+
+def test_durable_sequences_past_int64_and_the_wrap_are_journaled_acknowledged_and_resumed(
+    mosquitto, mqtt_client, unique_topic, tmp_path
+):
+    # Once: the window state could not be packed, the worker died at its first journal write,
+    # the daemon stayed online with input unacknowledged, and each restart died again.
+    cfg = _durable(config_text(mosquitto, vibration_pipeline(unique_topic),
+                               state_dir=tmp_path / "state"))
+    first = 2**64 - 40  # crosses 2**64 - 1 → 0 at sample 40
+    samples = asset_samples(128, seed=64)
+    topic = f"{unique_topic}/pump-u/vibration"
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/pred/#", qos=1)
+
+    def publish(indices: range) -> None:
+        for i in indices:
+            probe.publish(topic, sample_payload(5.0 + i / 1000, (first + i) % 2**64, samples[i]),
+                          qos=1)
+
+    with running(cfg) as daemon:
+        publish(range(80))
+        probe.wait_for(1, "floorline/gw-test/pred/#", timeout=15)
+        wait_until(lambda: daemon.stats()["unacknowledged_input"] == 0, 10, "all acknowledged")
+        assert daemon.pipelines[0].is_alive()
+    with running(cfg) as daemon:
+        assert daemon.pipelines[0].counters["restored_assets"] == 1
+        publish(range(80, 128))
+        preds = probe.wait_for(3, "floorline/gw-test/pred/#", timeout=15)
+        wait_until(lambda: daemon.stats()["unacknowledged_input"] == 0, 10, "all acknowledged")
+        stats = daemon.pipelines[0].stats()
+    assert [orjson.loads(m.payload)["seq"] for m in preds] == [0, 1, 2]
+    assert sum(stats["window_resets"].values()) == 0  # one stream across the restart and the wrap
+    assert stats["dead_letters"] == {}
+
+
+def test_a_reload_carries_windows_whose_sequences_are_past_int64(
+    mosquitto, mqtt_client, unique_topic
+):
+    # Once: exporting the windows for the switch raised, and SIGHUP made the daemon exit 1.
+    cfg = config_text(mosquitto, vibration_pipeline(unique_topic))
+    samples = asset_samples(64, seed=65)
+    topic = f"{unique_topic}/pump-r/vibration"
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/pred/#", qos=1)
+    with running(cfg) as daemon:
+        publish_stream(probe, topic, samples[:40], t0=7.0, first_seq=2**63 - 20)
+        wait_until(lambda: daemon.pipelines[0].counters["decoded"] == 40, 10, "40 decoded")
+        result = daemon.apply(parse_config(cfg))
+        assert (result.ok, result.carried_over) == (True, ("vibration",))
+        for i in range(40, 64):
+            seq = 2**63 - 20 + i
+            probe.publish(topic, sample_payload(7.0 + seq / 1000.0, seq, samples[i]), qos=1)
+        (pred,) = probe.wait_for(1, "floorline/gw-test/pred/#", timeout=15)
+    assert orjson.loads(pred.payload)["seq"] == 0  # the first window, across the switch
+
+
+# -- unexpected errors in a worker ---------------------------------------------------------------
+
+
+def test_an_unexpected_error_in_a_worker_is_dead_lettered_counted_and_the_stream_continues(
+    mosquitto, mqtt_client, unique_topic
+):
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/pred/#", qos=1)
+    probe.subscribe("floorline/gw-test/dlq/#", qos=1)
+    samples = asset_samples(128, seed=66)
+    with running(config_text(mosquitto, vibration_pipeline(unique_topic))) as daemon:
+        pipeline = daemon.pipelines[0]
+        decode = pipeline._decoder.decode
+        infer = pipeline.model.backend.infer
+        failed_batches: list[int] = []
+
+        def flaky_decode(payload: bytes, topic: str = "") -> object:
+            if b"boom" in payload:
+                raise RuntimeError("injected: not a DecodeError")
+            return decode(payload, topic)
+
+        def flaky_infer(x: np.ndarray) -> np.ndarray:
+            if not failed_batches:
+                failed_batches.append(len(x))
+                raise ValueError("injected: not a BackendError")
+            return infer(x)
+
+        pipeline._decoder.decode = flaky_decode  # type: ignore[method-assign]
+        pipeline.model.backend.infer = flaky_infer  # type: ignore[method-assign]
+        for i, row in enumerate(samples):
+            if i % 40 == 3:
+                probe.publish(f"{unique_topic}/pump-x/vibration", b'{"boom": %d}' % i, qos=1)
+            probe.publish(f"{unique_topic}/pump-e/vibration",
+                          sample_payload(11.0 + i / 1000, i, row), qos=1)
+        wait_until(lambda: pipeline.counters["windows"] == 3 and not pipeline._batcher.timeout(),
+                   15, "three windows through the batcher")
+        wait_until(lambda: pipeline.counters["predictions"] + pipeline.dead_letters[
+            "internal_error"] == 3 + 4 and pipeline.inbox.empty(), 10, "every window accounted")
+        assert pipeline.is_alive()
+        assert daemon.problem() is None
+        stats = pipeline.stats()
+    (lost,) = failed_batches
+    assert stats["internal_errors"] == 4 + 1  # four messages, one batch
+    assert stats["dead_letters"] == {"internal_error": 4 + lost}
+    assert stats["predictions"] == 3 - lost >= 1  # the stream went on after the failed batch
+    dlq = probe.wait_for(4 + lost, "floorline/gw-test/dlq/#", timeout=10)
+    bodies = [orjson.loads(m.payload) for m in dlq]
+    assert {b["reason"] for b in bodies} == {"internal_error"}
+    messages = [b for b in bodies if b["size"]]
+    assert [b["topic"] for b in messages] == [f"{unique_topic}/pump-x/vibration"] * 4
+    assert all("RuntimeError" in b["detail"] for b in messages)

@@ -217,6 +217,152 @@ def test_json_detail_never_echoes_a_long_value() -> None:
     assert len(str(info.value)) < 200
 
 
+def test_json_asset_beside_the_samples_path_in_one_object() -> None:
+    # Whole paths are compared: data.device is beside data.samples, not inside it.
+    decoder = _json(samples="data.samples", asset="data.device", timestamp="t")
+    payload = _dumps({"data": {"device": "pump-3", "samples": [{"ax": 1, "ay": 2, "az": 3,
+                                                                 "t": 5.0}]}})
+    samples = decoder.decode(payload)
+    assert samples.asset == "pump-3"
+    assert samples.values.tolist() == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize(
+    ("samples", "asset"),
+    [("data", "data.asset"), ("data.s", "data.s"), ("data.s", "data"), ("d[0]", "d[0].id")],
+)
+def test_json_asset_inside_the_samples_or_holding_them_is_refused(samples: str, asset: str) -> None:
+    with pytest.raises(ConfigError, match=r"^decoder\.asset: "):
+        _json(samples=samples, asset=asset)
+
+
+# --- JSON: arrays --------------------------------------------------------------------------------
+
+
+def test_json_fields_may_index_arrays() -> None:
+    decoder = _json(fields={"ax": "values[0]", "ay": "values[1]", "az": "values[2]"},
+                    timestamp="ts")
+    samples = decoder.decode(b'{"ts": 12.5, "values": [1, -2, 3.5]}')
+    assert samples.values.tolist() == [[1, -2, 3.5]]
+    assert samples.timestamps is not None
+    assert samples.timestamps.tolist() == [12.5]
+
+
+def test_json_array_maps_the_features_in_model_order() -> None:
+    decoder = _json(array="values", timestamp="ts", sequence="seq")
+    samples = decoder.decode(b'{"ts": 1.0, "seq": 7, "values": [0.5, 0.25, -1]}')
+    assert samples.values.tolist() == [[0.5, 0.25, -1]]
+    assert samples.first_seq == 7
+
+
+def test_json_paths_through_arrays_of_objects_and_blocks_of_arrays() -> None:
+    decoder = _json(fields={"ax": "data.channels[2].value", "ay": "data.channels[0].value",
+                            "az": "data.channels[1].value"},
+                    extra_fields="ignore")
+    payload = _dumps({"data": {"channels": [{"value": 2, "unit": "g"}, {"value": 3},
+                                            {"value": 1}]}})
+    assert decoder.decode(payload).values.tolist() == [[1, 2, 3]]
+    block = _json(samples="data", array="v", timestamp="t")
+    payload = _dumps({"data": [{"t": 1.0, "v": [1, 2, 3]}, {"t": 1.5, "v": [4, 5, 6]}]})
+    assert block.decode(payload).values.tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_json_index_paths_for_timestamp_sequence_and_asset() -> None:
+    decoder = _json(array="v", timestamp="meta[0]", sequence="meta[1]", asset="id[0]")
+    samples = decoder.decode(b'{"v": [1, 2, 3], "meta": [1.5, 4], "id": ["pump-1"]}')
+    assert samples.timestamps is not None
+    assert (samples.timestamps.tolist(), samples.first_seq, samples.asset) == ([1.5], 4, "pump-1")
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"ts": 1.0, "values": [1, 2]}', "missing_field"),  # index out of range
+        (b'{"ts": 1.0, "values": []}', "missing_field"),
+        (b'{"ts": 1.0}', "missing_field"),
+        (b'{"ts": 1.0, "values": {"0": 1, "1": 2, "2": 3}}', "malformed"),  # not an array
+        (b'{"ts": 1.0, "values": "123"}', "malformed"),
+        (b'{"ts": 1.0, "values": 5}', "malformed"),
+        (b'{"ts": 1.0, "values": null}', "malformed"),
+        (b'{"ts": 1.0, "values": [1, "2", 3]}', "non_numeric"),
+        (b'{"ts": 1.0, "values": [1, null, 3]}', "non_numeric"),
+        (b'{"ts": 1.0, "values": [1, true, 3]}', "non_numeric"),
+        (b'{"ts": 1.0, "values": [[1], 2, 3]}', "non_numeric"),
+        (b'{"ts": 1.0, "values": [1, 2, 1e39]}', "non_finite"),
+        (b'{"ts": 1.0, "values": [1, 2, 3, 4]}', "extra_field"),  # an element nothing reads
+        (b'{"ts": 1.0, "values": [1, 2, 3], "x": 1}', "extra_field"),
+        (b'{"ts": [1.0], "values": [1, 2, 3]}', "bad_timestamp"),
+    ],
+)
+def test_json_array_reasons(payload: bytes, reason: str) -> None:
+    assert _reason(_json(array="values", timestamp="ts"), payload) == reason
+
+
+def test_json_index_reasons_in_timestamp_and_asset_paths() -> None:
+    decoder = _json(array="v", timestamp="meta[0]", asset="id[0]")
+    assert _reason(decoder, b'{"v": [1, 2, 3], "meta": [], "id": ["a"]}') == "missing_field"
+    assert _reason(decoder, b'{"v": [1, 2, 3], "meta": 5, "id": ["a"]}') == "malformed"
+    assert _reason(decoder, b'{"v": [1, 2, 3], "meta": [1.0], "id": "pump"}') == "bad_asset"
+    assert _reason(decoder, b'{"v": [1, 2, 3], "meta": [1.0], "id": [7]}') == "bad_asset"
+
+
+def test_json_longer_arrays_are_fine_when_extra_fields_are_ignored() -> None:
+    decoder = _json(array="values", extra_fields="ignore")
+    assert decoder.decode(b'{"values": [1, 2, 3, 4, 5]}').values.tolist() == [[1, 2, 3]]
+    sparse = {"ax": "c[0]", "ay": "c[2]", "az": "c[4]"}
+    payload = b'{"c": [1, 0, 2, 0, 3]}'
+    assert _json(fields=sparse, extra_fields="ignore").decode(payload).values.tolist() == [
+        [1, 2, 3]
+    ]
+    assert _reason(_json(fields=sparse), payload) == "extra_field"  # c[1], c[3]: read by nothing
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"array": "v", "fields": {"ax": "x"}}, "not both"),
+        ({"fields": {"ax": "v[-1]"}}, "dotted path"),
+        ({"fields": {"ax": "v[x]"}}, "dotted path"),
+        ({"fields": {"ax": "[0]"}}, "dotted path"),
+        ({"fields": {"ax": "v[0"}}, "dotted path"),
+        ({"array": "v.", "timestamp": "t"}, "dotted path"),
+    ],
+)
+def test_inconsistent_json_array_config_is_refused(options: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        JsonDecoderConfig(**options)
+
+
+def test_one_value_cannot_be_read_as_an_array_and_as_an_object() -> None:
+    with pytest.raises(ConfigError, match=r"^decoder\.fields: .*overlaps.*object and as an array"):
+        _json(fields={"ax": "v[0]", "ay": "v.y", "az": "z"})
+    with pytest.raises(ConfigError, match=r"^decoder\.timestamp: .*overlaps"):
+        _json(array="v", timestamp="v[1]")
+
+
+# --- build errors name the key ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: _json(fields={"axx": "b"}),
+         ("decoder.fields: 'axx' is not a feature of the model; did you mean 'ax'? "
+         "(features: ax, ay, az)")),
+        (lambda: _csv(["ax", "ay"]),
+         ("decoder.columns: no column for the model's feature 'az' (features: ax, ay, az); "
+         "every feature needs exactly one column")),
+        (lambda: _csv(["ax", "ay", "azz"]),
+         ("decoder.columns: 'azz' is not a feature of the model nor timestamp/sequence/asset/_; "
+         "did you mean 'az' for 'azz'? (features: ax, ay, az)")),
+    ],
+)
+def test_decoder_build_errors_start_with_the_key(build: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert str(info.value) == message
+
+
 # --- binary --------------------------------------------------------------------------------------
 
 
@@ -468,6 +614,9 @@ _DECODERS: list[Decoder] = [
     BinaryDecoder(_HEADERED, FEATURES),
     _csv(FEATURES),
     _csv(_FULL),
+    _json(array="a", timestamp="t"),
+    _json(fields={"ax": "a[0].x", "ay": "a[1]", "az": "b.s[2]"}, extra_fields="ignore"),
+    _json(samples="b.s", array="a", sequence="x", asset="data"),
 ]
 
 

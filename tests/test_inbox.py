@@ -68,11 +68,15 @@ def test_weight_bound_drops_what_does_not_fit_and_frees_what_is_taken():
     assert box.weight() == 0
 
 
-def test_an_empty_inbox_takes_one_message_heavier_than_its_bound():
+def test_an_item_heavier_than_the_whole_bound_is_never_admitted_even_when_empty():
+    # It once was, so one giant message took the whole byte budget while good ones dropped.
     box: Inbox[bytes] = Inbox(100, max_weight=100, weigh=len)
-    assert box.put_many([b"x" * 500, b"y"]) == [b"y"]
-    assert box.get(0.1) == b"x" * 500
-    assert box.weight() == 0
+    assert box.put_many([b"x" * 500]) == [b"x" * 500]
+    with pytest.raises(queue.Full):
+        box.put_nowait(b"x" * 101)
+    assert (box.empty(), box.weight()) == (True, 0)
+    assert box.put_many([b"y" * 100]) == []  # exactly the bound fits
+    assert box.weight() == 100
 
 
 def test_the_count_bound_holds_with_a_weight_bound_too():

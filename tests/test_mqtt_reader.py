@@ -1,6 +1,7 @@
-"""edge/mqtt_reader.py: PUBLISH packets split in bulk equal what paho decodes, on a real broker too.
+"""edge/mqtt/reader.py: PUBLISH packets split in bulk equal what paho decodes, on a real broker too.
 
-The split is checked against paho's own decoder on generated packets (both protocols, every
+The split is checked against paho's own reader (its public API, so on every paho release) on
+generated packets (both protocols, every
 QoS, properties, multi-byte lengths, cut anywhere), then end to end: bursts written straight to a
 mosquitto socket arrive through the buffered client complete and in order, over TCP and TLS,
 with paho still handling what the split leaves to it (QoS 2, packets cut by a read).
@@ -8,6 +9,7 @@ with paho still handling what the split leaves to it (QoS 2, packets cut by a re
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -18,10 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
+import paho.mqtt.client as mqtt
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt import _packet as paho_packet
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -29,9 +32,6 @@ from floorline.edge.config.model import BrokerConfig, TlsConfig
 from floorline.edge.mqtt.reader import BufferedSocket, Publish, split_publishes
 from floorline.edge.mqtt.transport import MqttTransport
 from tests.mqtt_broker import Mosquitto, ProbeFactory, TlsMaterial, wait_until
-
-MQTT5 = 5
-MQTT311 = 4
 
 
 def varint(n: int) -> bytes:
@@ -63,15 +63,62 @@ def publish_packet(
     return bytes([0x30 | (qos << 1)]) + varint(len(body)) + body
 
 
-def paho_decode(packet: bytes, v5: bool) -> Publish:
-    """What paho's own decoder makes of one packet."""
-    header = packet[0]
-    i = 1
-    while packet[i] & 0x80:
-        i += 1
-    protocol = MQTT5 if v5 else MQTT311
-    result = paho_packet.decode_publish(header, bytearray(packet[i + 1 :]), protocol)
-    return (result.topic.decode(), bytes(result.payload), result.mid, result.qos)
+class PahoReader:
+    """Stock paho as the oracle, through its public API only (so on every paho release).
+
+    A paho client connected to a socket this test holds the other end of: each PUBLISH packet
+    is written there and read back by paho's own ``loop_read``, as from a broker.
+    """
+
+    def __init__(self, v5: bool) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.got: list[mqtt.MQTTMessage] = []
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", self._listener.getsockname()[1])  # sends CONNECT
+        self.broker, _ = self._listener.accept()
+        self.broker.recv(65536)
+        self.broker.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")  # CONNACK
+        self._read_until(self.client.is_connected)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        del client, userdata
+        self.got.append(msg)
+
+    def _read_until(self, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 5
+        while not done():
+            assert time.monotonic() < deadline, "paho read nothing"
+            sock = self.client.socket()
+            assert sock is not None
+            select.select([sock], [], [], 0.5)
+            self.client.loop_read()
+
+    def decode(self, packet: bytes) -> Publish:
+        """What paho makes of one QoS 0/1 PUBLISH packet."""
+        self.got.clear()
+        self.broker.sendall(packet)
+        self._read_until(lambda: bool(self.got))
+        with contextlib.suppress(BlockingIOError):  # the PUBACKs paho sent back
+            self.broker.recv(65536, socket.MSG_DONTWAIT)
+        msg = self.got[0]
+        return (msg.topic, bytes(msg.payload), msg.mid, msg.qos)
+
+    def close(self) -> None:
+        self.client.socket().close()  # type: ignore[union-attr]
+        self.broker.close()
+        self._listener.close()
+
+
+@pytest.fixture(scope="module")
+def paho_readers() -> Iterator[dict[bool, PahoReader]]:
+    readers = {v5: PahoReader(v5) for v5 in (False, True)}
+    yield readers
+    for reader in readers.values():
+        reader.close()
 
 
 def some_properties() -> bytes:
@@ -96,10 +143,12 @@ packets = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(packets=packets, v5=st.booleans(), cut=st.integers(0, 10_000))
 def test_split_equals_paho_up_to_qos2_or_a_cut(
-    packets: list[tuple[str, bytes, int, int, bool]], v5: bool, cut: int
+    packets: list[tuple[str, bytes, int, int, bool]], v5: bool, cut: int,
+    paho_readers: dict[bool, PahoReader],
 ) -> None:
     props = some_properties()
     wire = [
@@ -114,7 +163,7 @@ def test_split_equals_paho_up_to_qos2_or_a_cut(
     for packet in wire:
         if packet[0] >> 1 & 3 == 2 or end + len(packet) > cut:
             break
-        expected.append(paho_decode(packet, v5))
+        expected.append(paho_readers[v5].decode(packet))
         end += len(packet)
     out: list[Publish] = []
     assert split_publishes(data, 0, v5, out) == end
@@ -184,7 +233,11 @@ def test_buffered_socket_serves_small_reads_from_one_recv() -> None:
         assert sock.pending() == 0
         with pytest.raises(BlockingIOError):
             sock.recv(1)
-        sock.send(b"back")
+        assert sock.send(b"ba") == 2  # gathered, not sent yet
+        assert sock.send(b"ck") == 2
+        assert sock.wants_write()
+        assert sock.flush()
+        assert not sock.wants_write()
         assert theirs.recv(10) == b"back"
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,8 +17,10 @@ import pytest
 from floorline.edge.service.sdnotify import (
     Notifier,
     WatchdogPinger,
+    network_problem,
     watchdog_interval,
     workers_healthy,
+    workers_problem,
 )
 from tests.mqtt_broker import wait_until
 
@@ -189,6 +192,60 @@ def test_one_stalled_worker_makes_all_unhealthy() -> None:
     assert workers_healthy([running], max_age_s=1.0)
     assert not workers_healthy([running, stalled], max_age_s=1.0)
     assert workers_healthy([], max_age_s=1.0)
+
+
+class DyingWorker(FakeWorker):
+    """A Pipeline-like worker whose thread can end: ``failure()`` then names the reason."""
+
+    name = "vibration"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.died: str | None = None
+
+    def failure(self) -> str | None:
+        return self.died
+
+
+def test_a_dead_worker_is_unhealthy_at_once_even_with_nothing_queued() -> None:
+    # Once: a dead thread was noticed only when input queued up behind it (never, when idle).
+    w = DyingWorker()
+    assert workers_problem([w], max_age_s=60.0) is None
+    w.died = "pipeline vibration: worker thread died (SystemExit: injected)"
+    w.frozen_at = time.monotonic()  # its progress stamp is fresh: it just died
+    assert workers_problem([FakeWorker(), w], max_age_s=60.0) == w.died
+    assert not workers_healthy([w], max_age_s=60.0)
+
+
+def test_a_stalled_worker_gets_the_same_reason_for_as_long_as_it_lasts() -> None:
+    w = DyingWorker()
+    w.frozen_at = 100.0
+    w.inbox.put("x")
+    reasons = {workers_problem([w], max_age_s=5.0, now=t) for t in (106.0, 150.0, 900.0)}
+    assert reasons == {"pipeline vibration: worker stalled (input queued, no turn for 5 s)"}
+
+
+class FakeTransport:
+    """The MQTT connection's health surface (is_alive and last_loop are optional)."""
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self.connected.set()
+
+
+def test_network_thread_dead_or_stalled_while_connected_is_a_problem() -> None:
+    t = FakeTransport()
+    assert network_problem(t, max_age_s=5.0) is None  # neither is_alive nor last_loop: unknown
+    assert network_problem(None, max_age_s=5.0) is None  # not started
+    t.is_alive = lambda: True  # type: ignore[attr-defined]
+    t.last_loop = 100.0  # type: ignore[attr-defined]
+    assert network_problem(t, max_age_s=5.0, now=104.0) is None
+    assert network_problem(t, max_age_s=5.0, now=106.0) == (
+        "MQTT network thread stalled (no turn for 5 s while connected)")
+    t.connected.clear()  # disconnected: it sleeps between reconnect attempts on purpose
+    assert network_problem(t, max_age_s=5.0, now=1000.0) is None
+    t.is_alive = lambda: False  # type: ignore[attr-defined]
+    assert network_problem(t, max_age_s=5.0, now=104.0) == "MQTT network thread died"
 
 
 def test_check_pings_only_while_healthy(path_socket: Receiver) -> None:

@@ -158,3 +158,133 @@ def test_metrics_endpoint_and_stats_topic_during_a_run(mosquitto, mqtt_client, u
 def _scrape(port: int) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return bytes(resp.read())
+
+
+# -- liveness: dead threads are reported, stop the watchdog and end the process ------------------
+
+
+def _states(probe) -> list[dict]:
+    return [orjson.loads(m.payload) for m in probe.messages if m.topic.endswith("/state")]
+
+
+def test_a_dead_worker_turns_the_state_degraded_and_stops_the_watchdog(
+    mosquitto, mqtt_client, unique_topic, notify
+):
+    from floorline.edge.service.sdnotify import Notifier, WatchdogPinger  # noqa: PLC0415
+    from tests.daemon_harness import running  # noqa: PLC0415
+
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/state", qos=1)
+    with running(config_text(mosquitto, vibration_pipeline(unique_topic))) as daemon:
+        daemon.health_period_s = 0.1
+        wait_until(lambda: [s["state"] for s in _states(probe)] == ["online"], 10, "online")
+        pinger = WatchdogPinger(Notifier(str(notify.path)), 0.4,
+                                lambda: daemon.problem(max_age_s=0.2) is None)
+        pinger.start()
+        try:
+            notify.collect("WATCHDOG=1", timeout=5)
+            worker = daemon.pipelines[0]
+
+            def die(payload: bytes, topic: str = "") -> None:
+                raise SystemExit("injected")  # a BaseException: gets past the per-message guard
+
+            worker._decoder.decode = die  # type: ignore[method-assign]
+            probe.publish(f"{unique_topic}/pump-k/vibration",
+                          sample_payload(1.0, 0, asset_samples(1, 5)[0]), qos=1)
+            wait_until(lambda: any(s["state"] == "degraded" for s in _states(probe)), 10,
+                       "the retained state to say degraded")
+            assert not worker.is_alive()
+            wait_until(lambda: not pinger.is_healthy, 5, "the pinger to see the dead worker")
+            notify.messages.clear()
+            turns = pinger.checks
+            wait_until(lambda: pinger.checks >= turns + 3, 5, "three more health checks")
+            assert not any("WATCHDOG=1" in m for m in notify.messages)
+        finally:
+            pinger.stop()
+    degraded = next(s for s in _states(probe) if s["state"] == "degraded")
+    assert degraded["reason"] == (
+        "pipeline vibration: worker thread died (SystemExit: injected)")
+    late = mqtt_client(mosquitto)  # retained: a late subscriber saw it too (until the offline)
+    late.subscribe("floorline/gw-test/state", qos=1)
+    assert orjson.loads(late.wait_for(1, timeout=10)[0].payload)["state"] == "offline"
+
+
+def test_a_dead_network_thread_is_degraded_until_it_runs_again(
+    mosquitto, mqtt_client, unique_topic, notify
+):
+    from floorline.edge.service.sdnotify import Notifier, WatchdogPinger  # noqa: PLC0415
+    from tests.daemon_harness import running  # noqa: PLC0415
+
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/state", qos=1)
+    with running(config_text(mosquitto, vibration_pipeline(unique_topic))) as daemon:
+        daemon.health_period_s = 0.1
+        transport = daemon.transport
+        assert transport is not None
+        pinger = WatchdogPinger(Notifier(str(notify.path)), 0.4,
+                                lambda: daemon.problem(max_age_s=0.2) is None)
+        pinger.start()
+        try:
+            notify.collect("WATCHDOG=1", timeout=5)
+            # What MqttTransport.is_alive() says once its thread is gone (the thread itself
+            # must keep running here, or the degraded state could not be published).
+            transport.is_alive = lambda: False  # type: ignore[attr-defined]
+            wait_until(lambda: not pinger.is_healthy, 5, "the pinger to see it")
+            wait_until(lambda: any(s["state"] == "degraded" for s in _states(probe)), 10,
+                       "degraded")
+            del transport.is_alive  # type: ignore[attr-defined]
+            wait_until(lambda: _states(probe)[-1]["state"] == "online", 10, "online again")
+            notify.messages.clear()
+            notify.collect("WATCHDOG=1", timeout=5)  # the pings resume
+        finally:
+            pinger.stop()
+    degraded = next(s for s in _states(probe) if s["state"] == "degraded")
+    assert degraded["reason"] == "MQTT network thread died"
+
+
+_KILL_WORKERS = """
+import sys
+from pathlib import Path
+
+from floorline.edge.daemon import daemon, pipeline
+from floorline.edge.service import run
+
+
+def killed(self):
+    raise SystemExit("injected")
+
+
+pipeline.Pipeline._run = killed  # every worker thread dies as it starts
+daemon.HEALTH_PERIOD_S = 0.2
+run.UNHEALTHY_EXIT_S = 1.0
+sys.exit(run.run(Path(sys.argv[1])))
+"""
+
+
+def test_floorline_run_exits_1_when_a_worker_thread_is_dead(
+    mosquitto, mqtt_client, unique_topic, tmp_path, notify
+):
+    # Once: the process went on reporting itself online, with nothing processing its input.
+    config = tmp_path / "gw.yaml"
+    config.write_text(config_text(mosquitto, vibration_pipeline(unique_topic)))
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/state", qos=1)
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_WORKERS, str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "NOTIFY_SOCKET": str(notify.path),
+                                 "WATCHDOG_USEC": "1000000"})
+    try:
+        notify.collect("STOPPING=1", timeout=20)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out
+    assert not any("WATCHDOG=1" in m for m in notify.messages)  # never healthy, never pinged
+    assert "exiting with status 1" in out
+    wait_until(lambda: _states(probe) and _states(probe)[-1]["state"] == "offline", 10, "offline")
+    states = _states(probe)
+    reason = "pipeline vibration: worker thread died (SystemExit: injected)"
+    assert {"state": "degraded", "reason": reason}.items() <= next(
+        s for s in states if s["state"] == "degraded").items()
+    assert states[-1]["reason"] == f"unhealthy: {reason}"

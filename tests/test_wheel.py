@@ -175,6 +175,16 @@ def test_installed_commands_work_with_one_runtime(gateway):
         assert f"on {runtime}" in result.stdout
         assert "FAIL" not in result.stdout
 
+    # `floorline examples` points at the installed files, and install-service finds its unit.
+    listed = _must(g.floorline("examples")).stdout
+    assert str(examples / "gateway.example.yaml") in listed, listed
+    target = g.home / "root"
+    result = _must(g.floorline("install-service", "--config", examples / "gateway.minimal.yaml",
+                               "--prefix", target))
+    unit = target / "etc" / "systemd" / "system" / "floorline.service"
+    assert unit.is_file(), result.stdout
+    assert "Type=notify" in unit.read_text()
+
 
 def test_init_check_and_run_predict_with_one_runtime(
     gateway: Gateway, mosquitto: Mosquitto, mqtt_client: ProbeFactory

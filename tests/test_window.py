@@ -223,6 +223,92 @@ def test_one_discontinuity_counts_once() -> None:
     assert sum(windower.resets.values()) == 1
 
 
+# --- uint64 sequence numbers --------------------------------------------------------------------
+
+TOP = 2**64 - 1  # the binary header's largest sequence number
+
+
+@pytest.mark.parametrize("last", [2**63 - 1, 2**63, 2**64 - 2, TOP])
+def test_sequences_across_the_int64_range_continue_and_detect_duplicates(last: int) -> None:
+    windower = _windower(3, hop=1)
+    assert windower.push("a", _samples([0, 1], first_seq=last - 1), 0.0) == []
+    nxt = (last + 1) % 2**64
+    assert [_ids(w) for w in windower.push("a", _samples([2], first_seq=nxt), 0.0)] == [[0, 1, 2]]
+    assert windower.push("a", _samples([1, 2], first_seq=last), 0.0) == []  # redelivered
+    assert windower.duplicates == 2
+    assert sum(windower.resets.values()) == 0
+
+
+@pytest.mark.parametrize("seq", [2**64, 2**64 + 5, 10**30, -1, -(2**63)])
+def test_a_sequence_number_outside_uint64_is_bad_sequence_and_leaves_the_asset_alone(
+    seq: int,
+) -> None:
+    windower = _windower(2)
+    windower.push("a", _samples([0], first_seq=TOP), 0.0)
+    with pytest.raises(DecodeError) as info:
+        windower.push("a", _samples([1], first_seq=seq), 0.0)
+    assert info.value.reason == "bad_sequence"
+    with pytest.raises(DecodeError):
+        windower.push("new", _samples([1], first_seq=seq), 0.0)
+    assert windower.assets() == ["a"]  # no state for an asset whose first message was refused
+    assert [_ids(w) for w in windower.push("a", _samples([1], first_seq=0), 0.0)] == [[0, 1]]
+
+
+def test_the_counter_wraps_from_the_top_to_zero_inside_a_block_and_between_messages() -> None:
+    windower = _windower(4)
+    windows = windower.push("a", _samples([0, 1, 2], first_seq=TOP - 1), 0.0)  # TOP-1, TOP, 0
+    windows += windower.push("a", _samples([3, 4, 5, 6, 7], first_seq=1), 0.0)
+    assert [_ids(w) for w in windows] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sum(windower.resets.values()) == 0
+    assert windower.push("a", _samples([6, 7], first_seq=4), 0.0) == []  # redelivered past zero
+    assert windower.duplicates == 2
+
+
+def test_a_gap_across_the_top_resets_and_a_far_jump_back_is_a_restart() -> None:
+    windower = _windower(2, max_seq_rewind=100)
+    windower.push("a", _samples([0], first_seq=TOP - 1), 0.0)
+    assert windower.push("a", _samples([1], first_seq=0), 0.0) == []  # TOP was lost
+    assert windower.resets["seq_gap"] == 1
+    windower.push("a", _samples([2], first_seq=1), 0.0)
+    windower.push("a", _samples([3], first_seq=TOP - 500), 0.0)  # 503 behind, the short way round
+    assert windower.resets["seq_restart"] == 1
+    assert windower.duplicates == 0
+
+
+@pytest.mark.parametrize("last", [2**63 - 1, 2**63, TOP])
+def test_state_with_any_uint64_sequence_survives_the_journal(tmp_path, last: int) -> None:
+    from floorline.edge.daemon.journal import WindowJournal  # noqa: PLC0415
+
+    before = _windower(3)
+    before.push("a", _samples([0, 1], first_seq=last - 1), 0.0)
+    journal = WindowJournal(tmp_path / "windows.sqlite")
+    state = before.export_state("a")
+    assert state is not None
+    assert journal.save("p", {"a": state})
+    journal.close()
+    after = _windower(3)
+    for asset, blob in WindowJournal(tmp_path / "windows.sqlite").load("p").items():
+        after.import_state(asset, blob)
+    assert after.push("a", _samples([1], first_seq=last), 0.0) == []  # a redelivery: dropped
+    nxt = (last + 1) % 2**64
+    assert [_ids(w) for w in after.push("a", _samples([2], first_seq=nxt), 0.0)] == [[0, 1, 2]]
+
+
+def test_state_saved_before_sequences_were_unsigned_still_loads() -> None:
+    import struct  # noqa: PLC0415
+
+    windower = _windower(2)
+    windower.push("a", _samples([0], first_seq=41), 0.0)
+    windower.push("b", _samples([0]), 0.0)
+    for asset, seq in (("a", 41), ("b", -1)):
+        state = windower.export_state(asset)
+        assert state is not None
+        old = struct.pack("<qqqdq?", *struct.unpack_from("<qqqdQ?", state)[:4], seq, seq >= 0)
+        restored = _windower(2)
+        restored.import_state(asset, old + state[len(old):])
+        assert restored.push(asset, _samples([1], first_seq=42), 0.0) != []
+
+
 # --- bounds and config ---------------------------------------------------------------------------
 
 
@@ -383,6 +469,29 @@ def test_block_pushes_equal_per_sample_pushes_and_the_reference(
     assert by_block.resets == by_sample.resets == reference.resets
     assert by_block.duplicates == by_sample.duplicates == reference.duplicates
     assert by_block.pending() == by_sample.pending()
+
+
+@settings(max_examples=200, deadline=None)
+@given(_streams(), st.sampled_from([2**63 - 30, 2**64 - 30, 2**64 - 1]))
+def test_shifting_every_sequence_number_across_the_top_changes_nothing(
+    stream: tuple[int, WindowConfig, list[_Block]], shift: int
+) -> None:
+    # Sequences start near 20 and wander over ~100; shifted, they cross 2**63 or wrap past 2**64.
+    size, config, blocks = stream
+    plain, shifted = Windower(size, F, config), Windower(size, F, config)
+    got_plain: list[Window] = []
+    got_shifted: list[Window] = []
+    for received, b in enumerate(blocks):
+        moved = None if b.first_seq is None else (b.first_seq + shift) % 2**64
+        got_plain += plain.push(b.asset, _samples(b.ids, b.times, b.first_seq), received)
+        got_shifted += shifted.push(b.asset, _samples(b.ids, b.times, moved), received)
+        for asset in shifted.assets():  # and through export/import after every message
+            state = shifted.export_state(asset)
+            assert state is not None
+            shifted.import_state(asset, state)
+    assert _summary(got_plain) == _summary(got_shifted)
+    assert plain.resets == shifted.resets
+    assert plain.duplicates == shifted.duplicates
 
 
 @settings(max_examples=200, deadline=None)

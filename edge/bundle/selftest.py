@@ -19,7 +19,7 @@ from floorline.edge.bundle.bundle import Bundle
 from floorline.edge.bundle.manifest import Artifact, Task
 from floorline.edge.errors import BackendError, BundleError, RuntimeMissingError, SelfTestError
 
-AUTO_PREFER: tuple[str, ...] = ("litert", "onnx")
+AUTO_PREFER: tuple[str, ...] = tuple(backends.BACKENDS)  # plugin rank order
 """The backends ``backend: auto`` tries, in order (see ``auto_order``)."""
 
 

@@ -3,7 +3,8 @@
     floorline init PATH [--broker HOST:PORT]    write a starter config on the example bundle
     floorline examples                          the shipped example configs and bundles
     floorline run --config FILE                 the daemon
-    floorline check --config FILE               validate a config, verify and self-test its bundles
+    floorline check --config FILE [--connect]   validate a config, self-test its bundles, build its
+                                                pipelines; --connect: and try the broker
     floorline demo [--duration S]               broker + simulated plant + daemon + live table
     floorline simulate [--broker HOST:PORT] ... publish a synthetic plant
     floorline selftest BUNDLE [--backend litert|onnx] [--artifact FILE] [--trust KEY.pub]
@@ -16,16 +17,20 @@ Nothing here imports TensorFlow; runtimes are imported by the backend that needs
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from floorline.edge import __version__
 from floorline.edge.backends import BackendOptions
 from floorline.edge.errors import FloorlineError
+
+if TYPE_CHECKING:
+    from floorline.edge.config.model import Config
 
 
 def _open(args: argparse.Namespace) -> object:
@@ -147,9 +152,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from floorline.edge.service.run import run  # noqa: PLC0415
 
-    if args.verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
-    return run(args.config)
+    return run(args.config, verbose=args.verbose)
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
@@ -192,36 +195,115 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from floorline.edge.config.model import load_config  # noqa: PLC0415
-    from floorline.edge.daemon.models import load_model  # noqa: PLC0415
 
     config = load_config(args.config)
     print(f"{args.config}: valid config for gateway {config.gateway.id}, "
           f"{len(config.pipelines)} pipeline(s), broker {config.broker.host}:{config.broker.port}")
+    failures = 0
+    credentials = True
     try:
         config.broker.credentials()
     except FloorlineError as exc:
+        failures += 1
+        credentials = False
         print(f"  broker credentials: FAIL  {exc}")
-        return 1
-    failures = 0
-    for pc in config.pipelines:
+    for index, pc in enumerate(config.pipelines):
         try:
-            loaded = load_model(config, pc)
+            # Errors name the file, the line of the key and the pipeline (Config.building).
+            with config.building(index):
+                summary = _check_pipeline(config, index)
         except FloorlineError as exc:
             failures += 1
-            print(f"  pipeline {pc.name}: FAIL  {exc}")
+            print(f"  pipeline {pc.name}: FAIL\n    {exc}")
             continue
+        print(f"  pipeline {pc.name}: ok  {summary}")
+    if args.connect:
+        if not credentials:
+            print("  broker: not tried (no credentials)")
+        elif not _check_connection(config, args.timeout):
+            failures += 1
+    return 1 if failures else 0
+
+
+def _check_pipeline(config: Config, index: int) -> str:
+    """Build pipeline INDEX as `run` does, without its thread or a connection; a summary line.
+
+    The bundle is verified and self-tested; then the model must fit the config (``check_fit``)
+    and the real Pipeline is constructed: decoder for the model's features, windower, batcher,
+    output. So whatever `run` would refuse at start, this refuses too.
+    """
+    from floorline.edge.config.fit import check_fit  # noqa: PLC0415
+    from floorline.edge.daemon.models import load_model  # noqa: PLC0415
+    from floorline.edge.daemon.pipeline import Pipeline  # noqa: PLC0415
+
+    pc = config.pipelines[index]
+    loaded = load_model(config, pc)
+    try:
+        check_fit(pc, loaded.bundle.manifest)
+        pipeline = Pipeline(pc, gateway=config.gateway.id, topics=config.topics,
+                            limits=config.limits, model=loaded, submit=lambda _messages: None)
+        pipeline.output.close()
         m, rep = loaded.bundle.manifest, loaded.selftest
         signed = f"signed by {loaded.bundle.signed_by}" if loaded.bundle.signed_by else "unsigned"
-        print(
-            f"  pipeline {pc.name}: ok  {m.name} {m.version} ({loaded.artifact.file}, {signed}) on "
-            f"{rep.runtime}; self-test max err {rep.max_abs_error:.2e} (allowed {rep.atol:.0e}); "
-            f"window {m.input.window} x {len(m.input.features)} features, "
-            f"hop {pc.window.hop or m.input.window}, batch {pc.batch.max_batch}"
-            f"/{pc.batch.max_wait_ms:g} ms"
+        return (
+            f"{m.name} {m.version} ({loaded.artifact.file}, {signed}) on {rep.runtime}; self-test "
+            f"max err {rep.max_abs_error:.2e} (allowed {rep.atol:.0e}); window {m.input.window} x "
+            f"{len(m.input.features)} features, hop {pc.window.hop or m.input.window}, batch "
+            f"{pc.batch.max_batch}/{pc.batch.max_wait_ms:g} ms"
         )
+    finally:
         loaded.backend.close()
         loaded.bundle.close()
-    return 1 if failures else 0
+
+
+def _check_connection(config: Config, timeout: float) -> bool:
+    """Connect as configured (TLS, credentials), subscribe every pipeline's filters; report.
+
+    A client of its own (``<client id>-check``, clean session) so a running gateway keeps its
+    connection and its persistent session; it never acknowledges what it receives (a shared
+    subscription's broker hands such messages to another member) and leaves at the SUBACK.
+    """
+    from floorline.edge.mqtt.transport import MqttTransport, SessionOptions  # noqa: PLC0415
+
+    broker = config.broker.model_copy(update={"clean_start": True, "session_expiry_s": 0})
+    address = f"{broker.host}:{broker.port}"
+    filters: dict[str, int] = {}
+    for pc in config.pipelines:
+        for topic_filter in pc.subscribe:
+            filters[topic_filter] = max(filters.get(topic_filter, 0), pc.qos)
+    try:
+        transport = MqttTransport(
+            broker, f"{config.client_id()}-check", lambda *_: None, list(filters.items()),
+            session=SessionOptions(manual_ack=True, receive_maximum=1),
+        )
+    except FloorlineError as exc:
+        print(f"  broker {address}: FAIL  {exc}")
+        return False
+    deadline = time.monotonic() + timeout
+    transport.start()
+    try:
+        # The first failure is the answer; the transport would go on retrying with backoff.
+        while not transport.connected.is_set() and transport.last_error is None:
+            if time.monotonic() >= deadline:
+                break
+            transport.connected.wait(0.05)
+        if not transport.connected.is_set():
+            why = transport.last_error or f"no answer (CONNACK) within {timeout:g} s"
+            print(f"  broker {address}: FAIL  {why}")
+            return False
+        if not transport.subscribed.wait(max(0.0, deadline - time.monotonic())):
+            why = transport.last_error or f"no SUBACK within {timeout:g} s"
+            print(f"  broker {address}: FAIL  connected, but {why}")
+            return False
+        if transport.last_error:  # set by the SUBACK: the filters the broker refused
+            print(f"  broker {address}: FAIL  connected, but {transport.last_error}")
+            return False
+    finally:
+        transport.stop()
+    how = f"MQTT {broker.protocol}" + (", TLS" if broker.tls is not None else "")
+    print(f"  broker {address}: ok  connected ({how}); subscriptions acknowledged: "
+          f"{', '.join(filters)}")
+    return True
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -378,8 +460,14 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--dry-run", action="store_true", help="say what would be done")
     rel = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
     rel.add_argument("--config", type=Path, required=True, help="the daemon's YAML config")
-    chk = sub.add_parser("check", help="validate a config and self-test its bundles")
+    chk = sub.add_parser(
+        "check", help="validate a config, self-test its bundles and build its pipelines")
     chk.add_argument("--config", type=Path, required=True, help="gateway YAML config")
+    chk.add_argument("--connect", action="store_true",
+                     help="also connect to the broker as configured (TLS, credentials) and "
+                     "subscribe every pipeline's filters")
+    chk.add_argument("--timeout", type=float, default=10.0,
+                     help="seconds --connect waits for the broker (default 10)")
     ini = sub.add_parser("init", help="write a starter config that runs the example bundle")
     ini.add_argument("path", type=Path, help="config file to write, e.g. gateway.yaml")
     ini.add_argument("--gateway-id", help="gateway id (default: this host's name)")

@@ -1,5 +1,6 @@
 """The gateway's YAML configuration: strict models, loading with file:line errors, starters."""
 
+from floorline.edge.config.fit import check_fit
 from floorline.edge.config.model import (
     Config,
     LimitsConfig,
@@ -14,6 +15,7 @@ __all__ = [
     "LimitsConfig",
     "PipelineConfig",
     "TopicsConfig",
+    "check_fit",
     "load_config",
     "parse_config",
 ]

@@ -1,16 +1,30 @@
 """The gateway's YAML configuration, as strict pydantic models.
 
-Unknown keys and wrong types are errors that name the file and line (``load_config``). Secrets are
-never required in the YAML: a broker password comes from an environment variable or a file (for
-example a systemd credential), and relative paths are taken relative to the config file.
+Unknown keys and wrong types are errors that name the file and line (``load_config``), and an
+unknown key comes with the nearest valid one. So is a key that the rest of the config would make
+ineffective (a payload asset path while the asset comes from the topic, a gap limit on samples
+without timestamps, an MQTT 5 option on MQTT 3.1.1): nothing is silently ignored. What only the
+model bundle can tell is checked when a pipeline is built (``fit.check_fit``), and those errors
+name the file and line too (``Config.pipeline_error``). Secrets are never required in the YAML: a
+broker password comes from an environment variable or a file (for example a systemd credential),
+and relative paths are taken relative to the config file.
+
+A validator's message that starts with a key (``"decoder.asset: ..."``, relative to the model
+that raised it) is reported at that key's line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import re
+import string
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -18,7 +32,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,7 +42,13 @@ from pydantic import (
 from floorline.edge.backends import BACKENDS
 from floorline.edge.decoders import DecoderConfig
 from floorline.edge.delivery.outbox import OutboxConfig
-from floorline.edge.errors import ConfigError
+from floorline.edge.errors import (
+    BackendError,
+    BundleError,
+    ConfigError,
+    FloorlineError,
+    SelfTestError,
+)
 from floorline.edge.outputs import MqttOutputConfig, OutputConfig
 from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 from floorline.edge.service.metrics import MetricsConfig
@@ -34,6 +56,14 @@ from floorline.edge.stream.batch import BatchConfig
 from floorline.edge.stream.window import WindowConfig
 
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a config came from: for messages that name the file and line."""
+
+    origin: str
+    node: yaml.Node | None
 
 
 class _Strict(BaseModel):
@@ -51,6 +81,30 @@ def _check_filter(value: str) -> str:
         if "+" in level and level != "+":
             raise ValueError(f"{value!r}: '+' must be a whole level")
     return value
+
+
+def _check_template(value: str, names: tuple[str, ...]) -> str:
+    # Filled with str.format when publishing: an unknown placeholder would be a KeyError then.
+    try:
+        used = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a topic template: {exc}") from None
+    allowed = ", ".join("{" + n + "}" for n in names)
+    for field in used:
+        if field not in names:
+            raise ValueError(f"{value!r}: unknown placeholder {{{field}}}; this topic may use "
+                             f"{allowed}")
+    try:
+        topic = value.format(**dict.fromkeys(names, "x"))
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"{value!r} is not a topic template: {exc}") from None
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise ValueError(f"{value!r}: a topic to publish on may not be empty or hold '+' or '#'")
+    return value
+
+
+def _template(*names: str) -> AfterValidator:
+    return AfterValidator(lambda value: _check_template(value, names))
 
 
 def _check_name(value: str) -> str:
@@ -128,6 +182,17 @@ class BrokerConfig(_Strict):
             raise ValueError("set username or username_env, not both")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        # The session options that one setting would make ineffective.
+        if self.session_expiry_s and self.protocol != "5":
+            raise ValueError("session_expiry_s: MQTT 5 only; with protocol 3.1.1 it would be "
+                             "ignored (clean_start: false alone keeps the session)")
+        if self.session_expiry_s and self.clean_start:
+            raise ValueError("session_expiry_s: has no effect with clean_start: true (every "
+                             "connect starts a fresh session); set clean_start: false to keep it")
+        if self.protocol == "5" and not self.clean_start and not self.session_expiry_s:
+            raise ValueError("clean_start: false keeps nothing on MQTT 5 without "
+                             "session_expiry_s: the broker ends the session with the connection; "
+                             "set session_expiry_s (seconds, e.g. 86400)")
         return self
 
     def credentials(self) -> tuple[str | None, str | None]:
@@ -154,25 +219,30 @@ class BrokerConfig(_Strict):
         return user, password
 
 
-class TopicsConfig(_Strict):
-    """Topic templates. Placeholders: {gateway}, {pipeline}, {asset}."""
+PREDICTION_PLACEHOLDERS = ("gateway", "pipeline", "asset")
 
-    predictions: str = Field(
+
+class TopicsConfig(_Strict):
+    """Topic templates. Placeholders: {gateway}, {pipeline}, {asset} (where each is listed)."""
+
+    predictions: Annotated[str, _template(*PREDICTION_PLACEHOLDERS)] = Field(
         default="floorline/{gateway}/pred/{pipeline}/{asset}",
-        description="Where predictions go, per pipeline and asset.",
+        description="Where predictions go, per pipeline and asset ({gateway}, {pipeline}, "
+        "{asset}).",
     )
-    dead_letter: str = Field(
+    dead_letter: Annotated[str, _template("gateway", "pipeline")] = Field(
         default="floorline/{gateway}/dlq/{pipeline}",
-        description="Where rejected messages are reported (reason, topic, size; no payload).",
+        description="Where rejected messages are reported (reason, topic, size; no payload); "
+        "{gateway}, {pipeline}.",
     )
-    state: str = Field(
+    state: Annotated[str, _template("gateway")] = Field(
         default="floorline/{gateway}/state",
-        description="Retained gateway state; the last will sets it offline.",
+        description="Retained gateway state; the last will sets it offline ({gateway}).",
     )
-    stats: str = Field(
+    stats: Annotated[str, _template("gateway")] = Field(
         default="floorline/{gateway}/stats",
         description="Compact JSON stats every metrics.stats_interval_s (for plants without "
-        "Prometheus).",
+        "Prometheus); {gateway}.",
     )
 
 
@@ -186,12 +256,16 @@ class AssetConfig(_Strict):
     )
     payload: bool = Field(
         default=False,
-        description="Take the asset from the payload (json 'asset' path or a csv 'asset' column).",
+        description="Take the asset from the payload: the json decoder's asset path or a csv "
+        "'asset' column, one of which must then be configured (and is used only then).",
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> AssetConfig:
         if self.payload:
+            if self.topic_segment is not None and "topic_segment" in self.model_fields_set:
+                raise ValueError("topic_segment: set together with payload: true; the asset "
+                                 "comes from one of them: remove the other")
             self.topic_segment = None
         if self.topic_segment is None and not self.payload:
             raise ValueError("set topic_segment or payload: true")
@@ -249,6 +323,71 @@ class PipelineConfig(_Strict):
     @classmethod
     def _filters(cls, value: list[str]) -> list[str]:
         return [_check_filter(v) for v in value]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        # Keys that the rest of the pipeline would make ineffective, or could never satisfy.
+        # Each message starts with the key it is about, so the error points at its line.
+        decoder, window = self.decoder, self.window
+        if decoder.names_asset() and not self.asset.payload:
+            key, fix = _ASSET_KEYS.get(decoder.type, ("decoder", "remove it"))
+            raise ValueError(
+                f"{key}: names the asset in the payload, but asset.payload is not true, so the "
+                f"asset comes from the topic (asset.topic_segment: {self.asset.topic_segment}) "
+                f"and {key} would be ignored; set asset: {{payload: true}}, or {fix}"
+            )
+        if self.asset.payload and not decoder.names_asset():
+            raise ValueError(
+                "asset.payload: true, but the decoder names no asset (json: decoder.asset; "
+                "csv: an 'asset' column; binary payloads carry none): every message would be "
+                "dead-lettered (bad_asset)"
+            )
+        if (window.max_gap_s is not None and "max_gap_s" in window.model_fields_set
+                and decoder.has_timestamps() is False):
+            raise ValueError(
+                "window.max_gap_s: set, but the decoder gives the samples no timestamps (json: "
+                "decoder.timestamp; csv: a 'timestamp' column; binary: a header), so it would be "
+                "ignored"
+            )
+        if not decoder.has_sequence():
+            for name in ("max_seq_gap", "max_seq_rewind"):
+                if getattr(window, name) is not None and name in window.model_fields_set:
+                    raise ValueError(
+                        f"window.{name}: set, but the samples carry no sequence numbers (json: "
+                        "decoder.sequence; csv: a 'sequence' column; binary: header "
+                        "timestamp_sequence), so it would be ignored"
+                    )
+        if self.backend == "onnx" and self.interpreter != "auto":
+            raise ValueError("interpreter: chooses the TFLite interpreter of the litert backend; "
+                             "with backend: onnx it would be ignored")
+        if self.batch.max_batch == 1 and self.batch.max_wait_ms and (
+                "max_wait_ms" in self.batch.model_fields_set):
+            raise ValueError("batch.max_wait_ms: has no effect with max_batch: 1 (every window "
+                             "is inferred alone, at once)")
+        if isinstance(self.output, MqttOutputConfig) and self.output.topic is not None:
+            try:
+                _check_template(self.output.topic, PREDICTION_PLACEHOLDERS)
+            except ValueError as exc:
+                raise ValueError(f"output.topic: {exc}") from None
+        if self.ack == "durable":
+            # Each requirement closes one way to lose or double-count input across a restart;
+            # the broker's side is checked by Config.
+            if self.qos < 1:
+                raise ValueError("qos: ack: durable needs qos 1 or 2")
+            if not decoder.has_sequence():
+                raise ValueError(
+                    "ack: durable needs sequence numbers in the input (decoder sequence / "
+                    "header timestamp_sequence / a 'sequence' column) so redelivered messages "
+                    "are recognised"
+                )
+        return self
+
+
+# Per decoder type: the key that names the asset in the payload, and how to stop it doing so.
+_ASSET_KEYS = {
+    "json": ("decoder.asset", "remove decoder.asset"),
+    "csv": ("decoder.columns", "name that column '_'"),
+}
 
 
 class LimitsConfig(_Strict):
@@ -358,28 +497,27 @@ class Config(_Strict):
     )
     pipelines: list[PipelineConfig] = Field(min_length=1)
 
+    _source: _Source | None = PrivateAttr(default=None)
+
     @model_validator(mode="after")
-    def _consistent(self) -> Config:
+    def _consistent(self, info: ValidationInfo) -> Config:
+        context = info.context if isinstance(info.context, dict) else {}
+        source = context.get("source")
+        self._source = source if isinstance(source, _Source) else None
         names = [p.name for p in self.pipelines]
         if len(set(names)) != len(names):
             raise ValueError("pipeline names must be unique")
-        for p in self.pipelines:
-            if p.ack != "durable":
-                continue
-            # Each requirement closes one way to lose or double-count input across a restart.
-            if p.qos < 1:
-                raise ValueError(f"pipeline {p.name}: ack durable needs qos 1 or 2")
-            if not p.decoder.has_sequence():
+        for i, p in enumerate(self.pipelines):
+            if p.ack == "durable" and (self.broker.clean_start or (
+                    self.broker.protocol == "5" and not self.broker.session_expiry_s)):
                 raise ValueError(
-                    f"pipeline {p.name}: ack durable needs sequence numbers in the input "
-                    "(decoder sequence / header timestamp_sequence / a 'sequence' column) so "
-                    "redelivered messages are recognised"
+                    f"pipelines.{i}.ack: durable (pipeline {p.name}) needs broker.clean_start: "
+                    "false (and session_expiry_s on MQTT 5) so the broker keeps unacknowledged "
+                    "input"
                 )
-            if self.broker.clean_start:
-                raise ValueError(
-                    f"pipeline {p.name}: ack durable needs broker.clean_start: false (and "
-                    "session_expiry_s on MQTT 5) so the broker keeps unacknowledged input"
-                )
+        if self.broker.protocol != "5" and "max_packet_bytes" in self.limits.model_fields_set:
+            raise ValueError("limits.max_packet_bytes: MQTT 5 only; with broker.protocol "
+                             "3.1.1 it would be ignored")
         return self
 
     def with_desired(self, desired: dict[str, Any], origin: str = "desired state") -> Config:
@@ -387,18 +525,72 @@ class Config(_Strict):
         if not isinstance(desired, dict):
             raise ConfigError(f"{origin}: config must be a mapping")
         if extra := sorted(set(desired) - PUSHABLE_SECTIONS):
+            hints = [f"{near!r} for {key!r}" for key in extra
+                     if (near := _suggest(key, sorted(PUSHABLE_SECTIONS), bare=True))]
             raise ConfigError(
                 f"{origin}: a push may set only {', '.join(sorted(PUSHABLE_SECTIONS))}; "
-                f"not {', '.join(extra)}"
+                f"not {', '.join(extra)}" + (f"; did you mean {', '.join(hints)}?" if hints else "")
             )
-        data = self.model_dump(mode="json")
+        # Only what was set: a default written out would read as set, and a key that is refused
+        # when set to no effect (an MQTT 5 option on 3.1.1, say) would refuse every push.
+        data = self.model_dump(mode="json", exclude_unset=True)
         data.update(desired)
         try:
-            return Config.model_validate(data)
+            return Config.model_validate(data, context={"source": _Source(origin, None)})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"{origin}: {where}: {first['msg']}") from exc
+            _, where, message = _describe(exc.errors()[0])
+            raise ConfigError(f"{origin}: {where}: {message}") from exc
+
+    def locate(self, index: int, key: str | None = None) -> str:
+        """Where pipeline INDEX is configured: ``gateway.yaml:41: pipelines[1] (vibration)``.
+
+        With KEY (dotted, relative to the pipeline, e.g. ``decoder.fields``) the line is that
+        key's, when the file sets it.
+        """
+        source = self._source or _Source("<config>", None)
+        parts: list[int | str] = ["pipelines", index]
+        if key:
+            parts += [int(k) if k.isdigit() else k for k in key.split(".")]
+        line = _line_of(source.node, tuple(parts))
+        where = f"{source.origin}:{line}" if line else source.origin
+        name = self.pipelines[index].name if index < len(self.pipelines) else "?"
+        return f"{where}: pipelines[{index}] ({name})"
+
+    def pipeline_error(self, index: int, error: FloorlineError) -> FloorlineError:
+        """ERROR, met building pipeline INDEX, as the same kind of error naming where it is.
+
+        The message gets the file, the line and the pipeline (``locate``): the line of the key
+        the message starts with (``decoder.fields: ...``), else of the key the kind of error is
+        about (``bundle``, ``artifact`` or ``backend``), else of the pipeline entry.
+        """
+        message = str(error)
+        key = _leading_key(message, PipelineConfig)
+        if key is None:
+            key = self._key_of(index, error)
+        located = f"{self.locate(index, key)}: {message}"
+        try:
+            return type(error)(located)
+        except TypeError:  # an error class with another signature
+            return ConfigError(located)
+
+    @contextlib.contextmanager
+    def building(self, index: int) -> Iterator[None]:
+        """Errors raised inside, while building pipeline INDEX, name the file, line and pipeline.
+
+        ``floorline check`` builds each pipeline under it, and so should whatever builds
+        pipelines to run them, so both report a bad pipeline in the same words.
+        """
+        try:
+            yield
+        except FloorlineError as exc:
+            raise self.pipeline_error(index, exc) from exc
+
+    def _key_of(self, index: int, error: FloorlineError) -> str | None:
+        if isinstance(error, BundleError):
+            return "bundle"
+        if isinstance(error, (BackendError, SelfTestError)) and index < len(self.pipelines):
+            return "artifact" if self.pipelines[index].artifact else "backend"
+        return None
 
     def resolved_state_dir(self) -> Path:
         """The state directory in use (see ``state_dir``)."""
@@ -412,6 +604,108 @@ class Config(_Strict):
     def client_id(self) -> str:
         """The MQTT client id: configured, or derived from the gateway id."""
         return self.broker.client_id or f"floorline-{self.gateway.id}"
+
+
+_KEY = re.compile(r"([A-Za-z_]\w*(?:\.[\w-]+)*): (.*)", re.DOTALL)
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _leading_key(message: str, model: type[BaseModel] | None) -> str | None:
+    """The dotted key MESSAGE starts with (``"decoder.asset: ..."``) if MODEL has that field."""
+    match = _KEY.fullmatch(message)
+    if match is None or model is None:
+        return None
+    key = match.group(1)
+    return key if key.split(".")[0] in model.model_fields else None
+
+
+def _unwrap(tp: Any) -> Any:
+    # Annotated[X, ...] -> X; X | None -> X. A union of several models stays a union.
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in get_args(tp) if a is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _walk(loc: tuple[int | str, ...]) -> tuple[list[int | str], type[BaseModel] | None]:
+    """LOC without union tags (they are not YAML keys), and the model LOC ends in, if any."""
+    tp: Any = Config
+    shown: list[int | str] = []
+    for part in loc:
+        tp = _unwrap(tp)
+        if get_origin(tp) in (Union, types.UnionType):
+            members = [_unwrap(m) for m in get_args(tp)]
+            tagged = [m for m in members if _is_model(m) and "type" in m.model_fields
+                      and m.model_fields["type"].default == part]
+            if tagged:  # pydantic puts a discriminated union's tag in the location
+                tp = tagged[0]
+                continue
+            tp = None
+        shown.append(part)
+        if _is_model(tp):
+            field = tp.model_fields.get(str(part))
+            tp = field.annotation if field is not None else None
+        elif get_origin(tp) in (list, tuple) and isinstance(part, int):
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            tp = None
+    tp = _unwrap(tp)
+    return shown, tp if _is_model(tp) else None
+
+
+def _suggest(word: object, choices: list[str], *, bare: bool = False) -> str:
+    """The choice nearest WORD as "did you mean 'x'?" (the bare choice with BARE); else ''."""
+    near = difflib.get_close_matches(str(word), choices, n=1)
+    if not near:
+        return ""
+    return near[0] if bare else f"did you mean {near[0]!r}?"
+
+
+def _describe(error: Any) -> tuple[tuple[int | str, ...], str, str]:
+    """One pydantic error as (location in the YAML, dotted location as YAML has it, message).
+
+    An unknown key gets the nearest valid one; a misspelt choice the nearest choice; a
+    validator's message that starts with one of its model's keys is placed at that key.
+    """
+    loc = tuple(error["loc"])
+    message = str(error["msg"])
+    for prefix in _PYDANTIC_PREFIXES:
+        message = message.removeprefix(prefix)
+    kind = error.get("type")
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        shown, model = _walk(loc[:-1])
+        shown.append(loc[-1])
+        valid = sorted(model.model_fields) if model is not None else []
+        hint = _suggest(loc[-1], valid) or (f"valid keys: {', '.join(valid)}" if valid else "")
+        return loc, ".".join(map(str, shown)), "unknown key" + (f"; {hint}" if hint else "")
+    shown, model = _walk(loc)
+    if kind == "union_tag_invalid":
+        hint = _suggest(ctx.get("tag", ""), re.findall(r"'([^']*)'", str(ctx.get("expected_tags"))))
+        message += f"; {hint}" if hint else ""
+    elif kind == "literal_error" and isinstance(error.get("input"), str):
+        hint = _suggest(error["input"], re.findall(r"'([^']*)'", str(ctx.get("expected"))))
+        message += f"; {hint}" if hint else ""
+    key = _leading_key(message, model)
+    if key is not None:
+        parts = [int(k) if k.isdigit() else k for k in key.split(".")]
+        loc = (*loc, *parts)
+        shown += parts
+        message = message[len(key) + 2:]
+    return loc, ".".join(map(str, shown)) or "(top level)", message
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
@@ -483,15 +777,14 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: a config must be a YAML mapping")
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"source": _Source(origin, node)})
     except ValidationError as exc:
         lines = []
         for err in exc.errors()[:10]:
-            loc = tuple(err["loc"])
+            loc, dotted, message = _describe(err)
             line = _line_of(node, loc)
             where = f"{origin}:{line}" if line else origin
-            dotted = ".".join(str(p) for p in loc) or "(top level)"
-            lines.append(f"{where}: {dotted}: {err['msg']}")
+            lines.append(f"{where}: {dotted}: {message}")
         more = len(exc.errors()) - 10
         tail = f"\n  … and {more} more" if more > 0 else ""
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines) + tail) from exc

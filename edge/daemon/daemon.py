@@ -12,7 +12,16 @@ unchanged, and the held messages go to the new generation. No message is process
 generations or by neither.
 
 Everything the gateway sends goes through ``send``: the publisher, its outbox for QoS ≥ 1, then
-the connection.
+the connection. Two messages cannot: the last will (the broker publishes it) and the final
+offline state, written while the connection closes. The retained state and fleet reports skip
+the outbox (``keep=False``): each is replaced by the next.
+
+Health: a monitor thread checks every ``health_period_s`` that each pipeline's worker thread
+runs and makes progress when it has input (``stall_s``), and that the MQTT network thread runs
+and turns while connected. On a problem the retained state becomes ``degraded`` with the reason
+(``state``), and ``online`` again should it clear. ``on_fatal`` (``floorline run`` sets it) is
+called once the problem has lasted ``fatal_after_s``: a dead thread never comes back, and only a
+restart brings the gateway back to work.
 """
 
 from __future__ import annotations
@@ -22,10 +31,11 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from floorline.edge.bundle.store import BundleStore, parse_ref
-from floorline.edge.config.model import Config
+from floorline.edge.config import check_fit
+from floorline.edge.config.model import Config, PipelineConfig
 from floorline.edge.daemon.acks import AckTracker
 from floorline.edge.daemon.generation import ApplyResult, Generation, carry_over
 from floorline.edge.daemon.journal import WindowJournal
@@ -39,11 +49,18 @@ from floorline.edge.errors import FloorlineError
 from floorline.edge.messages import Outbound
 from floorline.edge.mqtt.transport import MqttTransport, SessionOptions, Will
 from floorline.edge.service.metrics import BundleInfo, Metrics
+from floorline.edge.service.sdnotify import network_problem, workers_problem
 from floorline.edge.stream.encode import dead_letter
 
 __all__ = ["ApplyResult", "Daemon", "Generation"]
 
 log = logging.getLogger(__name__)
+
+HEALTH_PERIOD_S = 1.0
+"""How often the monitor looks at the worker and network threads."""
+STALL_S = 30.0
+"""A worker with input queued and no progress for this long, or a connected network thread
+without a turn for this long, is stalled (well above one batch's inference)."""
 
 
 class Daemon:
@@ -67,6 +84,15 @@ class Daemon:
         self._apply_lock = threading.Lock()
         self._extra_subscriptions: list[str] = []
         self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
+        self.health_period_s = HEALTH_PERIOD_S
+        self.stall_s = STALL_S
+        self.health: str | None = None
+        """Why the gateway is degraded (a dead or stalled thread), or None while it is healthy."""
+        self.unhealthy_since: float | None = None
+        self.fatal_after_s: float | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+        """Called on the monitor thread, every period, once a problem lasted ``fatal_after_s``."""
+        self._monitor = threading.Thread(target=self._watch, name="health", daemon=True)
 
     @property
     def gen(self) -> Generation | None:
@@ -112,39 +138,43 @@ class Daemon:
         """Verify, self-test and construct CONFIG's pipelines (not started). Raises on failure."""
         built: list[Pipeline] = []
         try:
-            for pc in config.pipelines:
-                model = load_model(config, pc, self.store)
-                log.info(
-                    "pipeline %s: %s %s (%s) on %s, self-test max err %.2g",
-                    pc.name,
-                    model.bundle.manifest.name,
-                    model.bundle.manifest.version,
-                    model.artifact.file,
-                    model.backend.runtime,
-                    model.selftest.max_abs_error,
-                )
-                try:
-                    pipeline = Pipeline(
-                        pc,
-                        gateway=self.gateway,
-                        topics=config.topics,
-                        limits=config.limits,
-                        model=model,
-                        submit=self.send,
-                        release=self.acks.release,
-                        journal=self.journal,
-                        restore=restore,
-                        observe=self.metrics.observe_batch,
-                    )
-                except BaseException:
-                    model.backend.close()
-                    model.bundle.close()
-                    raise
-                built.append(pipeline)
+            for index, pc in enumerate(config.pipelines):
+                with config.building(index):  # errors name the file, line and pipeline
+                    built.append(self._build_pipeline(config, pc, restore=restore))
         except BaseException:
             Generation(config, built).close()
             raise
         return Generation(config, built)
+
+    def _build_pipeline(self, config: Config, pc: PipelineConfig, *, restore: bool) -> Pipeline:
+        model = load_model(config, pc, self.store)
+        log.info(
+            "pipeline %s: %s %s (%s) on %s, self-test max err %.2g",
+            pc.name,
+            model.bundle.manifest.name,
+            model.bundle.manifest.version,
+            model.artifact.file,
+            model.backend.runtime,
+            model.selftest.max_abs_error,
+        )
+        try:
+            check_fit(pc, model.bundle.manifest)  # what `floorline check` refuses, run refuses
+            return Pipeline(
+                pc,
+                gateway=self.gateway,
+                topics=config.topics,
+                limits=config.limits,
+                model=model,
+                submit=self.send,
+                release=self.acks.release,
+                journal=self.journal,
+                restore=restore,
+                observe=self.metrics.observe_batch,
+            )
+        except BaseException:
+            model.backend.close()
+            model.bundle.close()
+            raise
 
     def load(self, config: Config | None = None) -> None:
         """Open the state directory, then verify and build the pipelines (no network yet)."""
@@ -182,6 +212,7 @@ class Daemon:
         self.acks.ack = self.transport.ack
         self.publisher.attach(self.transport)
         self.transport.start()
+        self._monitor.start()
 
     def _subscriptions(self, gen: Generation) -> dict[str, int]:
         subs = gen.subscriptions()
@@ -218,14 +249,16 @@ class Daemon:
             self.publisher.submit(messages, keep=keep)
 
     def _announce(self) -> None:
-        # Runs at every (re)connect: the retained state must say online again.
+        # Runs at every (re)connect: the retained state must say online (or degraded) again.
         assert self.publisher is not None  # noqa: S101
         self.publisher.on_connected()
-        self._send_state("online")
+        self._send_state()
 
-    def _send_state(self, state: str) -> None:
+    def _send_state(self) -> None:
         # Retained, QoS 1, not kept in the outbox: every (re)connect announces a fresh one.
-        self.send([Outbound(self._state_topic, self._state_payload(state), 1, True)], keep=False)
+        health = self.health
+        payload = self._state_payload("degraded" if health else "online", health)
+        self.send([Outbound(self._state_topic, payload, 1, True)], keep=False)
 
     def _on_message(
         self, topic: str, payload: bytes, received: float, mid: int = 0, qos: int = 0
@@ -266,13 +299,48 @@ class Daemon:
             if old is not None:
                 old.close()
             if self.transport is not None and self.transport.connected.is_set():
-                self._send_state("online")
+                self._send_state()
             log.info("configuration applied; %d held messages passed on; windows carried: %s",
                      len(held), ", ".join(carried) or "none")
             return ApplyResult(ok=True, carried_over=tuple(carried))
 
     def _bundle_info(self) -> list[BundleInfo]:
         return bundle_info(self.pipelines)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def problem(self, max_age_s: float | None = None) -> str | None:
+        """What is wrong now: a dead or stalled worker or network thread; None if nothing.
+
+        MAX_AGE_S (default ``stall_s``): how long without progress is a stall.
+        """
+        age = self.stall_s if max_age_s is None else max_age_s
+        return workers_problem(self.pipelines, age) or network_problem(self.transport, age)
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.health_period_s):
+            try:
+                reason = self.problem()
+            except Exception:  # a broken check must not end the monitor
+                log.exception("health check failed")
+                continue
+            if self._stopped.is_set():
+                return  # stopping: threads end on purpose
+            now = time.monotonic()
+            if reason != self.health:
+                if reason is None:
+                    log.info("healthy again")
+                    self.unhealthy_since = None
+                else:
+                    log.error("degraded: %s", reason)
+                    if self.unhealthy_since is None:
+                        self.unhealthy_since = now
+                self.health = reason
+                self._send_state()
+            if (reason is not None and self.on_fatal is not None
+                    and self.fatal_after_s is not None and self.unhealthy_since is not None
+                    and now - self.unhealthy_since >= self.fatal_after_s):
+                self.on_fatal(reason)  # every period until acted on: it must be idempotent
 
     # -- state ------------------------------------------------------------------------------
 
@@ -288,6 +356,7 @@ class Daemon:
             "connected": bool(t and t.connected.is_set()),
             "connects": t.connects if t else 0,
             "last_error": t.last_error if t else None,
+            "health": self.health,
             "unroutable": self.unroutable["unroutable"],
             "unacknowledged_input": self.acks.owed(),
             "outbox": {

@@ -20,11 +20,14 @@ class Generation:
     """(topic filter without any ``$share/group/`` prefix, pipeline), for every subscription."""
     routes: dict[str, tuple[Pipeline, ...]] = field(default_factory=dict)
     """Concrete topic → its pipelines: the routing decision, cached (see ``routing``)."""
+    max_payload: int = field(init=False, default=0)
+    """The smallest ``Pipeline.max_payload``: a payload up to this size fits every pipeline."""
 
     def __post_init__(self) -> None:
         self.filters = [
             (shared_subscription_filter(f), p) for p in self.pipelines for f in p.config.subscribe
         ]
+        self.max_payload = min((p.max_payload for p in self.pipelines), default=0)
 
     def subscriptions(self) -> dict[str, int]:
         """Topic filter → QoS for every pipeline."""
@@ -42,9 +45,14 @@ class Generation:
     def close(self) -> None:
         """Release the outputs and models (after the workers stopped)."""
         for p in self.pipelines:
-            p.output.close()
-            p.model.backend.close()
-            p.model.bundle.close()
+            # Each release in turn, whatever the one before it raised: nothing may leak.
+            try:
+                p.output.close()
+            finally:
+                try:
+                    p.model.backend.close()
+                finally:
+                    p.model.bundle.close()
 
 
 @dataclass(frozen=True)

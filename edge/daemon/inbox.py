@@ -8,6 +8,9 @@ that ran dry has to wait, on an Event the producer sets. Same interface as the s
 Bounded by a count and, with WEIGH, by weight (bytes): a count alone lets large messages take
 any amount of memory (20,000 messages of 256 KiB are 5 GiB). The weight held is what producers
 added minus what the consumer took, each counter written by one side only, so no lock is needed.
+An item is admitted only if it fits the weight still free; one heavier than the whole bound never
+is. The pipeline keeps such items away in the first place: it refuses any payload over a quarter
+of its byte bound on arrival (``Pipeline.max_payload``), so no one message can crowd out the rest.
 """
 
 from __future__ import annotations
@@ -50,8 +53,7 @@ class Inbox(Generic[T]):
         fit = 0
         for item in items[:n]:
             w = weigh(item)
-            # An empty inbox takes one message whatever it weighs: it must never starve.
-            if added + w > free and (fit or self._items):
+            if added + w > free:
                 break
             added += w
             fit += 1

@@ -1,9 +1,18 @@
 """One pipeline at run time: a bounded inbox and a worker thread that runs every stage.
 
 The worker decodes, windows, batches, infers, encodes and publishes. It owns every stage object,
-so none needs a lock. Paho's thread touches only ``offer`` (an enqueue and two counters). A bad
-message is dead-lettered with a bounded reason and never stops the worker; a failed inference
-fails each window of its batch visibly, the same way.
+so none needs a lock. Paho's thread touches only ``offer_many`` (an enqueue and two counters) and
+``refuse_too_large``. A bad message is dead-lettered with a bounded reason and never stops the
+worker; a failed inference fails each window of its batch visibly, the same way. So does anything
+unexpected (a bug, a plugin raising what it should not): the message, or each window of the
+batch, is dead-lettered ``internal_error``, counted (``internal_errors``), logged (rate-limited)
+and the worker carries on. Should the worker thread end anyway, ``failure`` says so and the
+daemon reports itself ``degraded`` (``floorline.edge.daemon.daemon``).
+
+Size: a message over ``max_payload`` never enters the inbox: the router refuses it on arrival
+(``too_large``). For an ``ack: receipt`` pipeline ``max_payload`` is ``limits.max_payload_bytes``
+capped at a quarter of ``limits.inbox_bytes`` (less the per-message overhead), so no single
+message can take more than a quarter of the inbox's byte budget and crowd out good input.
 
 Acknowledgements (``ack: durable``): a message is released for acknowledgement only when what it
 contributed is safe. The worker holds the messages it processed until no window is waiting in
@@ -46,6 +55,20 @@ _POLL_S = 0.1
 _ITEM_OVERHEAD = 128  # bytes counted per queued message besides its payload
 _RUN = 64  # messages the worker takes from its inbox at once
 _SETTLE_EVERY = 256  # messages; bounds how many a worker holds unacknowledged in a busy stream
+_MAX_SHARE = 4  # a receipt pipeline's message takes at most 1/_MAX_SHARE of its inbox_bytes
+_LOG_EVERY_S = 10.0  # drops and internal errors are logged at most this often per pipeline
+_DEATH_MAX = 120  # characters of the exception that ended a worker, for the state document
+
+
+def max_payload(limits: LimitsConfig, *, durable: bool) -> int:
+    """The largest payload a pipeline accepts.
+
+    ``max_payload_bytes``, and for ``ack: receipt`` at most a quarter of ``inbox_bytes`` (less
+    the per-message overhead).
+    """
+    if durable:  # no byte bound on its inbox (see Pipeline.__init__)
+        return limits.max_payload_bytes
+    return min(limits.max_payload_bytes, limits.inbox_bytes // _MAX_SHARE - _ITEM_OVERHEAD)
 
 
 def _queued_bytes(item: Inbound) -> int:
@@ -82,7 +105,12 @@ class Pipeline:
         self._durable = config.ack == "durable"
         self.durable = self._durable
         self._journal = journal if self._durable else None
-        self._max_payload = limits.max_payload_bytes
+        self.max_payload = max_payload(limits, durable=self._durable)
+        """Larger payloads are refused on arrival (``refuse_too_large``), never queued."""
+        if self.max_payload < limits.max_payload_bytes:
+            log.info("pipeline %s: payloads over %d bytes refused (a quarter of inbox_bytes %d, "
+                     "below max_payload_bytes %d)", config.name, self.max_payload,
+                     limits.inbox_bytes, limits.max_payload_bytes)
         self._drain_s = limits.drain_timeout_s
         self._dlq_topic = topics.dead_letter.format(gateway=gateway, pipeline=config.name)
         # The byte bound is for `ack: receipt` pipelines. A durable one keeps the count bound
@@ -117,9 +145,16 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self.last_progress = time.monotonic()
+        self.death: str | None = None
+        """What ended the worker thread, if an exception did."""
+        self._drops_logged = 0  # paho's thread
+        self._drop_log_at = 0.0  # paho's thread
+        self._errors_unlogged = 0  # worker
+        self._error_log_at = 0.0  # worker
         self._stop = threading.Event()
         self._drain_all = False
-        self._thread = threading.Thread(target=self._run, name=f"pipeline-{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"pipeline-{self.name}",
+                                        daemon=True)
         if self._journal is not None and restore:
             self._restore()
 
@@ -148,14 +183,38 @@ class Pipeline:
         self.offer_many([message])
 
     def offer_many(self, items: list[Inbound]) -> None:
-        """Enqueue ITEMS in order; those the inbox cannot hold are dropped and counted."""
+        """Enqueue ITEMS in order; those the inbox cannot hold are dropped and counted.
+
+        The caller (the router) has refused payloads over ``max_payload`` already.
+        """
         self.counters["received"] += len(items)
         rest = self.inbox.put_many(items)
         if rest:
-            self.counters["dropped_inbox_full"] += len(rest)
-            tokens = [m.token for m in rest if m.token is not None]
-            if tokens and self._release is not None:
-                self._release(tokens)  # dropped by policy: holding them would stall the stream
+            self._dropped(rest)
+
+    def _dropped(self, rest: list[Inbound]) -> None:
+        dropped = self.counters["dropped_inbox_full"] + len(rest)
+        self.counters["dropped_inbox_full"] = dropped
+        tokens = [m.token for m in rest if m.token is not None]
+        if tokens and self._release is not None:
+            self._release(tokens)  # dropped by policy: holding them would stall the stream
+        now = time.monotonic()
+        if now >= self._drop_log_at:  # on paho's thread: one line per interval, not per message
+            log.warning(
+                "pipeline %s: inbox full (%d messages, %d bytes queued); %d messages dropped "
+                "since the last report, %d in all", self.name, self.inbox.qsize(),
+                self.inbox.weight(), dropped - self._drops_logged, dropped,
+            )
+            self._drops_logged = dropped
+            self._drop_log_at = now + _LOG_EVERY_S
+
+    def refuse_too_large(self, topic: str, size: int) -> None:
+        """A message of SIZE bytes over ``max_payload`` arrived: dead-letter it, never queue it.
+
+        On paho's thread, before any inbox; its acknowledgement is the caller's (the router).
+        """
+        self.counters["received"] += 1
+        self._reject("too_large", topic, size, f"over {self.max_payload} bytes")
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -181,32 +240,39 @@ class Pipeline:
         """Whether the worker thread runs."""
         return self._thread.is_alive()
 
+    def failure(self) -> str | None:
+        """Why the worker thread ended though nobody stopped it.
+
+        None while it runs, once it was stopped, and before it started.
+        """
+        t = self._thread
+        if t.ident is None or t.is_alive() or self._stop.is_set():
+            return None
+        return f"pipeline {self.name}: worker thread died ({self.death or 'no exception'})"
+
     # -- worker thread ----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # recorded for failure(); the thread ends
+            # Exceptions are caught per message and per batch below; this is what got past
+            # them (SystemExit, MemoryError, a bug in the loop itself).
+            self.death = f"{type(exc).__name__}: {exc}"[:_DEATH_MAX]
+            log.critical("pipeline %s: worker thread died: %s", self.name, self.death,
+                         exc_info=exc)
 
     def _run(self) -> None:
         deadline: float | None = None
         while True:
             if self._stop.is_set() and deadline is None:
                 deadline = time.monotonic() + self._drain_s
-            timeout = self._batcher.timeout()
-            wait = _POLL_S if timeout is None else min(timeout, _POLL_S)
-            # A run of messages at a time: the checks below are per run, not per message.
-            # Bounded, so a window that is due waits at most one run.
-            items = self.inbox.get_many(_RUN, timeout=wait)
-            if items:
-                held = self._held
-                for topic, payload, received, token in items:
-                    self._handle(topic, payload, received)
-                    if token is not None:
-                        held.append(token)
-                if self.inbox.empty() or len(held) >= _SETTLE_EVERY:
-                    self._settle()
-            elif deadline is not None:
-                break
-            due = self._batcher.take_due()
-            if due:
-                self._infer(due)
-                self._settle()
+            try:
+                if not self._turn(deadline):
+                    break
+            except Exception as exc:  # noqa: BLE001 - counted and logged; the worker carries on
+                self._internal_error(exc, None, 0)
+                self._stop.wait(_POLL_S)  # never a busy loop, should it fail every turn
             self.last_progress = time.monotonic()
             if deadline is not None and not self._drain_all and time.monotonic() > deadline:
                 log.warning("pipeline %s: drain deadline reached, %d queued messages left",
@@ -217,19 +283,70 @@ class Pipeline:
             self._infer(rest)
         self._settle()
 
+    def _turn(self, deadline: float | None) -> bool:
+        """One turn of the worker loop; False once stopping and nothing is left to take."""
+        timeout = self._batcher.timeout()
+        wait = _POLL_S if timeout is None else min(timeout, _POLL_S)
+        # A run of messages at a time: the checks below are per run, not per message.
+        # Bounded, so a window that is due waits at most one run.
+        items = self.inbox.get_many(_RUN, timeout=wait)
+        if items:
+            held = self._held
+            for topic, payload, received, token in items:
+                try:
+                    self._handle(topic, payload, received)
+                except Exception as exc:  # noqa: BLE001 - this message only: dead-lettered
+                    self._internal_error(exc, topic, len(payload))
+                if token is not None:
+                    held.append(token)
+            if self.inbox.empty() or len(held) >= _SETTLE_EVERY:
+                self._settle()
+        elif deadline is not None:
+            return False
+        due = self._batcher.take_due()
+        if due:
+            self._infer(due)
+            self._settle()
+        return True
+
     def _settle(self) -> None:
         """Release held messages once nothing they contributed can still be lost."""
         if not self._held or len(self._batcher):
             return  # windows still waiting for their batch: their messages are not safe yet
         if self._journal is not None and self._touched:
-            states = {a: s for a in self._touched if (s := self._windower.export_state(a))}
-            if not self._journal.save(self.name, states):
+            try:
+                states = {a: s for a in self._touched if (s := self._windower.export_state(a))}
+                saved = self._journal.save(self.name, states)
+            except Exception as exc:  # noqa: BLE001 - as a refused write: counted, released
+                self._internal_error(exc, None, 0)
+                saved = False
+            if not saved:
                 self.counters["journal_errors"] += 1
         self._touched.clear()
+        held, self._held = self._held, []  # released once, even if releasing fails half-way
+        self.counters["released"] += len(held)
         if self._release is not None:
-            self._release(self._held)
-        self.counters["released"] += len(self._held)
-        self._held = []
+            self._release(held)
+
+    def _internal_error(self, exc: Exception, topic: str | None, size: int) -> None:
+        """Something unexpected failed on TOPIC's message (None: on no one message)."""
+        self.counters["internal_errors"] += 1
+        now = time.monotonic()
+        if now >= self._error_log_at:
+            log.error(
+                "pipeline %s: unexpected error (%d more since the last report); the worker "
+                "carries on", self.name, self._errors_unlogged, exc_info=exc,
+            )
+            self._errors_unlogged = 0
+            self._error_log_at = now + _LOG_EVERY_S
+        else:
+            self._errors_unlogged += 1
+        if topic is None:
+            return
+        try:
+            self._reject("internal_error", topic, size, f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - the publish path itself failed: counted above
+            log.debug("pipeline %s: cannot dead-letter an internal error", self.name)
 
     def window_states(self) -> dict[str, bytes]:
         """Every asset's partial window, as the journal stores it (call once the worker stopped)."""
@@ -258,9 +375,6 @@ class Pipeline:
 
     def _handle(self, topic: str, payload: bytes, received: float) -> None:
         size = len(payload)
-        if size > self._max_payload:
-            self._reject("too_large", topic, size, f"over {self._max_payload} bytes")
-            return
         try:
             samples = self._decoder.decode(payload, topic)
             if samples is None:  # understood, but no samples in it (e.g. a birth certificate)
@@ -284,6 +398,17 @@ class Pipeline:
                 self._infer(batch)
 
     def _infer(self, batch: list[Window]) -> None:
+        try:
+            self._infer_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - fails this batch's windows visibly, only them
+            self._internal_error(exc, None, 0)
+            try:
+                for w in batch:
+                    self._reject("internal_error", f"window:{w.asset}", 0, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - the publish path itself failed: counted above
+                log.debug("pipeline %s: cannot dead-letter an internal error", self.name)
+
+    def _infer_batch(self, batch: list[Window]) -> None:
         x = np.stack([w.values for w in batch])
         if self._flat_input:
             x = x.reshape(len(batch), -1)

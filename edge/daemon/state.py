@@ -45,7 +45,12 @@ def bundle_info(pipelines: Sequence[Pipeline]) -> list[BundleInfo]:
 def state_document(
     gateway: str, state: str, pipelines: Sequence[Pipeline], reason: str | None = None
 ) -> bytes:
-    """The retained state message: online/offline, version, models, and why when not online."""
+    """The retained state message: its STATE, version, models, and REASON when not online.
+
+    ``online``: connected and every worker and the network thread healthy. ``degraded``:
+    connected, but a worker or the network thread is dead or stalled (REASON says which;
+    ``floorline run`` exits soon after). ``offline``: stopped, or the broker's last will.
+    """
     doc: dict[str, object] = {
         "state": state,
         "gateway": gateway,

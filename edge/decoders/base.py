@@ -37,6 +37,7 @@ REASONS: frozenset[str] = frozenset(
         "unroutable",  # no pipeline or asset for the topic (daemon)
         "too_many_assets",  # the windower's asset bound is reached
         "inference_failed",  # the backend failed on the batch holding this window (daemon)
+        "internal_error",  # an unexpected error in the worker on this message or window (daemon)
     }
 )
 """Every reason code any stage may give a DecodeError: a fixed set, so metrics stay bounded."""
@@ -118,6 +119,13 @@ class DecoderConfigBase(BaseModel):
     def names_asset(self) -> bool:
         """Whether the payload names the asset (so ``asset: {payload: true}`` can be used)."""
         return False
+
+    def has_timestamps(self) -> bool | None:
+        """Whether decoded samples carry timestamps (``window.max_gap_s`` needs them).
+
+        None: the decoder cannot tell from its config (then no window option is refused).
+        """
+        return None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,10 @@ class BinaryDecoderConfig(DecoderConfigBase):
         """Whether the header carries sequence numbers."""
         return self.header == "timestamp_sequence"
 
+    def has_timestamps(self) -> bool:
+        """Whether a header carries the first sample's time."""
+        return self.header != "none"
+
     @model_validator(mode="after")
     def _consistent(self) -> BinaryDecoderConfig:
         if self.header != "none" and self.sample_interval_ms is None:
@@ -106,8 +110,11 @@ class BinaryDecoder:
             # Zero-copy view of the payload; the windower copies it into its ring anyway.
             values = raw.astype(np.float32, copy=False)
             # One reduction instead of an isfinite array: a NaN or inf makes the sum non-finite,
-            # and summed in float64 no count of finite float32 values can overflow.
-            if not math.isfinite(np.add.reduce(values, axis=None, dtype=np.float64)):
+            # and summed in float64 no count of finite float32 values can overflow. (inf + -inf
+            # is NaN, which numpy would warn about: that is the answer sought, not a problem.)
+            with np.errstate(invalid="ignore"):
+                total = np.add.reduce(values, axis=None, dtype=np.float64)
+            if not math.isfinite(total):
                 bad = float(values[~np.isfinite(values)][0])
                 raise DecodeError("non_finite", f"value {bad}")
         timestamps = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from itertools import chain
 from operator import itemgetter
@@ -33,18 +34,25 @@ class CsvDecoderConfig(DecoderConfigBase):
     columns: list[str] = Field(
         min_length=1,
         description="What each column holds, in order: a feature name, 'timestamp', 'sequence', "
-        "'asset', or '_' for a column to ignore. Every feature appears exactly once.",
+        "'asset' (used with the pipeline's asset: {payload: true}, and only then), or '_' for a "
+        "column to ignore. Every feature appears exactly once.",
     )
     delimiter: str = Field(
         default=",", min_length=1, max_length=1, description="The one-character column separator."
     )
     timestamp_unit: TimestampUnit = Field(
-        default="s", description="Unit of the timestamp column: 's' or 'ms' since the epoch."
+        default="s",
+        description="Unit of the timestamp column: 's' or 'ms' since the epoch (only with a "
+        "timestamp column).",
     )
 
     def has_sequence(self) -> bool:
         """Whether a column holds sequence numbers."""
         return "sequence" in self.columns
+
+    def has_timestamps(self) -> bool:
+        """Whether a column holds timestamps."""
+        return "timestamp" in self.columns
 
     def names_asset(self) -> bool:
         """Whether a column holds the asset."""
@@ -54,10 +62,13 @@ class CsvDecoderConfig(DecoderConfigBase):
     def _consistent(self) -> CsvDecoderConfig:
         named = [c for c in self.columns if c != "_"]
         repeated = sorted({c for c in named if named.count(c) > 1})
+        # Each message names the key it is about, so the config error points at that line.
         if repeated:
-            raise ValueError(f"columns {repeated} appear more than once")
+            raise ValueError(f"columns: {repeated} appear more than once")
         if self.delimiter in "\r\n\"'" or self.delimiter.isalnum() or self.delimiter in ".-+_":
-            raise ValueError(f"delimiter {self.delimiter!r} would collide with the data")
+            raise ValueError(f"delimiter: {self.delimiter!r} would collide with the data")
+        if "timestamp_unit" in self.model_fields_set and not self.has_timestamps():
+            raise ValueError("timestamp_unit: set, but no column holds a timestamp")
         return self
 
 
@@ -68,17 +79,28 @@ class CsvDecoder:
         names = check_features(features)
         clash = sorted(set(names) & {*_CSV_SPECIAL, "_"})
         if clash:
-            raise ConfigError(f"csv decoder: features named {clash} clash with reserved columns")
-        known = {*names, *_CSV_SPECIAL, "_"}
+            raise ConfigError(
+                f"decoder.columns: the model's features {clash} clash with the reserved column "
+                "names timestamp/sequence/asset/_; the csv decoder cannot feed this model"
+            )
+        known = [*names, *_CSV_SPECIAL, "_"]
         unknown = [c for c in config.columns if c not in known]
         if unknown:
+            near = {c: difflib.get_close_matches(c, known, 1) for c in unknown}
+            hint = ", ".join(f"{g[0]!r} for {c!r}" for c, g in near.items() if g)
+            hint = f"; did you mean {hint}?" if hint else ""
             raise ConfigError(
-                f"csv decoder: columns {unknown} are not features of the model "
-                f"(features: {list(names)}) nor timestamp/sequence/asset/_"
+                f"decoder.columns: {', '.join(map(repr, unknown))} "
+                f"{'is not a feature' if len(unknown) == 1 else 'are not features'} of the model "
+                f"nor timestamp/sequence/asset/_{hint} (features: {', '.join(names)})"
             )
         missing = [n for n in names if n not in config.columns]
         if missing:
-            raise ConfigError(f"csv decoder: features {missing} have no column")
+            raise ConfigError(
+                f"decoder.columns: no column for the model's "
+                f"{'feature' if len(missing) == 1 else 'features'} {', '.join(map(repr, missing))} "
+                f"(features: {', '.join(names)}); every feature needs exactly one column"
+            )
         index = {c: i for i, c in enumerate(config.columns)}
         self._names = names
         self._feature_cols = [index[n] for n in names]

@@ -71,6 +71,9 @@ class Publisher:
         self.published = 0
         self.delivered = 0
         self.dropped_qos0 = 0
+        self.refused = 0
+        """QoS ≥ 1 messages sent with ``keep=False`` that the connection's queue had no room for
+        (the broker stopped acknowledging): lost, and said so in the log."""
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
     def attach(self, transport: _Transport) -> None:
@@ -86,6 +89,10 @@ class Publisher:
         With KEEP false, QoS ≥ 1 messages skip the outbox and go to the connection's own queue
         (resent after a reconnect, not after a restart): for a retained state that the next
         connection replaces anyway, outbox space and a resend after a restart would be waste.
+        That queue is bounded (the transport's: 1000 unacknowledged messages); one refused there
+        is counted in ``refused`` and logged.
+
+        Any thread; nothing here writes to the network (the transport's network thread does).
         """
         durable = [m for m in messages if m.qos > 0] if keep else []
         t = self._transport
@@ -95,8 +102,12 @@ class Publisher:
                     t.publish(topic, payload, 0, retain)
                 else:
                     self.dropped_qos0 += 1
-            elif not keep and t is not None:
-                t.publish(topic, payload, qos, retain)
+            elif not keep and t is not None and (
+                t.publish_tracked(topic, payload, qos, retain) is None
+            ):
+                self.refused += 1
+                log.warning("publisher: the connection's queue is full (the broker is not "
+                            "acknowledging); message to %s dropped", topic)
         if durable:
             self.outbox.put_many(durable)
             self._wake.set()

@@ -181,7 +181,7 @@ class FleetAgent:
     # -- agent thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        self.report()
+        self._report_safely()
         while not self._stop.is_set():
             try:
                 doc = self._docs.get(timeout=0.2)
@@ -191,7 +191,13 @@ class FleetAgent:
                 self.handle(doc)
             except Exception:  # the agent must survive anything a document does
                 log.exception("fleet: unexpected error while applying a desired state")
+            self._report_safely()
+
+    def _report_safely(self) -> None:
+        try:
             self.report()
+        except Exception:  # a report that cannot go out must not end the agent
+            log.exception("fleet: could not publish the reported state")
 
     def handle(self, data: bytes) -> None:
         """Verify and apply one desired-state document (agent thread)."""
@@ -350,7 +356,9 @@ class FleetAgent:
                 },
             },
         }
-        self.daemon.send([Outbound(self.reported_topic, orjson.dumps(doc), 1, True)])
+        # Retained and replaced by the next report: not through the outbox, where it would wait
+        # behind a backlog of predictions (the operator needs a rollback reported promptly).
+        self.daemon.send([Outbound(self.reported_topic, orjson.dumps(doc), 1, True)], keep=False)
 
 
 def _digest(ref: str) -> str | None:

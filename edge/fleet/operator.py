@@ -30,6 +30,7 @@ from floorline.edge.bundle.hashing import sha256_bytes
 from floorline.edge.bundle.signing import load_private_key, sign
 from floorline.edge.cli import table as text_table
 from floorline.edge.config.model import PUSHABLE_SECTIONS, BrokerConfig
+from floorline.edge.config.starter import parse_broker
 from floorline.edge.errors import ConfigError, FloorlineError
 from floorline.edge.fleet.envelope import seal
 from floorline.edge.mqtt.transport import MqttTransport
@@ -37,9 +38,9 @@ from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 
 
 def broker_config(address: str, protocol: str) -> BrokerConfig:
-    """A broker config from HOST:PORT (port 1883 when left out) and a protocol version."""
-    host, _, port = address.rpartition(":")
-    return BrokerConfig(host=host or "localhost", port=int(port or 1883), protocol=protocol)  # type: ignore[arg-type]
+    """A broker config from HOST, HOST:PORT or [IPv6]:PORT (port 1883 when left out)."""
+    host, port = parse_broker(address)
+    return BrokerConfig(host=host, port=port, protocol=protocol)  # type: ignore[arg-type]
 
 
 def _connect(broker: BrokerConfig, name: str, handler: Any = None,

@@ -1,4 +1,4 @@
-"""paho's client with a faster receive path: a buffered socket and PUBLISH packets split in bulk.
+"""The fast receive path's pure parts: PUBLISH packets split in bulk, and a buffered socket.
 
 Stock paho reads every packet with a ``select`` and three or more ``recv`` calls (the type
 byte, the remaining length byte by byte, then the body), builds an ``MQTTMessage`` (and on
@@ -6,36 +6,23 @@ MQTT 5 a ``Properties`` object), looks for per-topic callbacks under a lock, and
 ``on_message``: about 18 µs per message on MQTT 3.1.1 and 42 µs on MQTT 5 on the benchmark
 machine (docs/benchmarks.md), more than the whole pipeline spends on a message.
 
-Here the socket is read through a 64 KiB buffer, so a burst costs one ``recv``; the complete
-PUBLISH packets at QoS 0 and 1 found in the buffer are split by ``split_publishes`` and handed
-over as one list, and plain PUBACKs (the broker's answer to every prediction) are matched to
-paho's outgoing messages without building a reason code and properties for each. Everything
-else (CONNACK, SUBACK, PINGRESP, QoS 2, a PUBACK with a reason or properties, a packet cut by
-the end of the buffer, anything malformed or odd) goes through paho's own ``_packet_read``
-unchanged, which reads from the same buffer. So paho keeps the protocol state; this module only
-takes over the common packet, in order.
+Here the socket is read through a 64 KiB buffer (``BufferedSocket``), so a burst costs one
+``recv``, and the complete PUBLISH packets at QoS 0 and 1 found in the buffer are split by
+``split_publishes`` and handed over as one list. The same socket gathers what paho writes during
+one loop turn and sends it with as few ``send`` calls as the kernel takes.
 
-This leans on paho 2.x internals (``_create_socket``, ``_packet_read``, ``_in_packet``,
-``_send_puback``, ``_do_on_publish``, ``_out_messages``, ``_loop_rc_handle``,
-``_last_bytes_received``); paho is pinned ``<3`` and
-tests/test_mqtt_reader.py checks the split against paho's own decoder.
+Nothing here touches paho: the client that uses these (and paho's private names) is
+``edge/mqtt/paho_seam.py``, the one module that knows paho's insides.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from typing import Any
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
-log = logging.getLogger(__name__)
 
 Publish = tuple[str, bytes, int, int]
 """(topic, payload, packet id, qos) of a received PUBLISH."""
@@ -44,12 +31,11 @@ PublishBatch = Callable[[list[Publish], float], None]
 """Called on the network thread with the PUBLISH packets of one read and its monotonic time."""
 
 _CHUNK = 65536
-_TURNS = 64  # packets paho handles per loop_read at most, so writes and keepalive get a turn
+# What one loop turn gathers before it sends; past it, paho's writes wait for the next turn (paho
+# keeps the rest queued), so what is gathered never grows beyond about this.
+_GATHER_BYTES = 256 * 1024
+_CLOSE_FLUSH_S = 1.0  # what close() may wait for the last bytes (a DISCONNECT) to leave
 _PUBLISH = 0x30
-_PUBACK = 0x40
-# Shared by every plain PUBACK handled here; on_publish callbacks only read them.
-_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
-_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _TOPIC_CACHE = 10_000  # distinct topics whose str is shared; beyond, each message decodes its own
 
 
@@ -136,20 +122,36 @@ def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
 
 
 class BufferedSocket:
-    """A connected socket (plain or TLS) read through a 64 KiB buffer.
+    """A connected socket (plain or TLS) read through a 64 KiB buffer, written in gathered sends.
 
-    ``pending()`` is what paho already asks of TLS sockets: while it is non-zero, paho's loop
-    reads without waiting in ``select``.
+    Reads: ``pending()`` is what paho already asks of TLS sockets: while it is non-zero, paho's
+    loop reads without waiting in ``select``. ``received_at`` is the ``time.monotonic()`` of the
+    last read that brought bytes (any bytes: the broker is alive), 0.0 before the first.
+
+    Writes: paho calls ``send`` once per packet; each call only appends to ``out`` and ``flush``
+    (the client's write turn) sends all of it at once. Only the network thread calls either. The
+    bytes are handed to the kernel in order and a partial send keeps the rest at the head of
+    ``out``: a TLS write that must be retried is retried with the same leading bytes, as OpenSSL
+    requires.
     """
 
     def __init__(self, sock: Any) -> None:
         self.raw = sock
         self.buf = b""
         self.pos = 0
-        # Bound once: paho calls these on every write and select.
-        self.send = sock.send
+        self.out = bytearray()
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+            # Writes are gathered here already: Nagle would only hold the next turn's send back
+            # until the broker's delayed ACK (up to 40 ms) for the last one.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.received_at = 0.0
+        # Bound once: paho calls fileno on every select.
         self.fileno = sock.fileno
+        self._send = sock.send
         self._tls_pending: Callable[[], int] | None = getattr(sock, "pending", None)
+
+    # -- reading ---------------------------------------------------------------------------
 
     def recv(self, n: int) -> bytes:
         """Up to N bytes, from the buffer when it holds any."""
@@ -159,11 +161,25 @@ class BufferedSocket:
             self.pos = pos + len(chunk)
             return chunk
         data: bytes = self.raw.recv(_CHUNK)
+        if data:
+            self.received_at = time.monotonic()
         if len(data) <= n:
             return data
         self.buf = data
         self.pos = n
         return data[:n]
+
+    def fill(self) -> bytes:
+        """One ``recv`` of up to 64 KiB into the (consumed) buffer; what it read.
+
+        Raises what the socket raises; b"" means the peer closed the connection.
+        """
+        data: bytes = self.raw.recv(_CHUNK)
+        if data:
+            self.received_at = time.monotonic()
+            self.buf = data
+            self.pos = 0
+        return data
 
     def buffered(self) -> int:
         """Bytes in the buffer not yet consumed."""
@@ -176,8 +192,54 @@ class BufferedSocket:
             return left
         return self._tls_pending()
 
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, data: bytes | bytearray) -> int:
+        """Take DATA for the next ``flush``; all of it, or BlockingIOError when enough waits.
+
+        BlockingIOError is what paho expects of a full socket: it keeps the packet queued and
+        offers it again on the next write turn.
+        """
+        out = self.out
+        if len(out) >= _GATHER_BYTES:
+            self.flush()
+            if len(out) >= _GATHER_BYTES:
+                raise BlockingIOError
+        out += data
+        return len(data)
+
+    def flush(self) -> bool:
+        """Send what was gathered, in as few calls as the kernel takes; True when all went.
+
+        Raises OSError when the connection is broken.
+        """
+        out = self.out
+        while out:
+            try:
+                sent = self._send(out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            if not sent:
+                return False
+            del out[:sent]
+        return True
+
+    def wants_write(self) -> bool:
+        """Whether gathered bytes still wait for the socket."""
+        return bool(self.out)
+
+    # -- the rest ----------------------------------------------------------------------------
+
     def close(self) -> None:
-        """Close the socket; drop what was buffered."""
+        """Send what is gathered (a final DISCONNECT), briefly and best effort; then close."""
+        if self.out:
+            try:
+                if not self.flush():
+                    self.raw.settimeout(_CLOSE_FLUSH_S)
+                    self.raw.sendall(self.out)
+            except OSError:
+                pass  # the connection is gone: so is what it did not send
+        self.out = bytearray()
         self.buf = b""
         self.pos = 0
         self.raw.close()
@@ -190,117 +252,10 @@ class BufferedSocket:
         return getattr(self.raw, name)
 
 
-class BufferedClient(mqtt.Client):
-    """paho's client on a ``BufferedSocket``, QoS 0/1 PUBLISH packets split in bulk.
+def __getattr__(name: str) -> Any:
+    # BufferedClient lived here before the paho seam; tests/benchmark.py still imports it here.
+    if name == "BufferedClient":
+        from floorline.edge.mqtt.paho_seam import BufferedClient  # noqa: PLC0415
 
-    ``on_publishes`` receives them; paho's ``on_message`` still receives any PUBLISH that paho
-    itself reads (QoS 2, the first of a read, one cut by the end of the buffer), so set both.
-    """
-
-    on_publishes: PublishBatch | None = None
-    _topics: dict[bytes, str] | None = None
-
-    def _create_socket(self) -> Any:
-        return BufferedSocket(super()._create_socket())
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """Read what the socket has: PUBLISH runs and PUBACKs here, other packets by paho."""
-        current = self._sock
-        if not isinstance(current, BufferedSocket) or self.on_publishes is None:
-            return super().loop_read(max_packets)
-        sock: BufferedSocket = current
-        for _ in range(_TURNS):
-            if self._in_packet["command"] == 0:
-                done = self._fast_turn(sock)
-                if done is not None:
-                    return done
-            # paho reads one packet: the next one that is not handled here, or the rest of one
-            # cut off by the end of the last read.
-            rc = self._packet_read()
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN or self._sock is not sock:
-                break
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _fast_turn(self, sock: BufferedSocket) -> MQTTErrorCode | None:
-        """Fill the buffer if it is consumed, then handle what is fast at its head.
-
-        Returns what loop_read returns when this turn ends the read, or None when paho has a
-        packet to read.
-        """
-        if sock.pos >= len(sock.buf):
-            stop = self._fill(sock)
-            if stop is not None:
-                return stop
-        self._deliver(sock)
-        rc = self._pubacks(sock)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return self._loop_rc_handle(rc)
-        if sock.pos >= len(sock.buf) or self._sock is not sock:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return None
-
-    def _fill(self, sock: BufferedSocket) -> MQTTErrorCode | None:
-        """One recv into the (consumed) buffer; an rc to return when there is nothing to do."""
-        try:
-            data: bytes = sock.raw.recv(_CHUNK)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            return MQTTErrorCode.MQTT_ERR_SUCCESS  # select saw TLS bytes that are no record yet
-        except ssl.SSLWantWriteError:
-            self._call_socket_register_write()
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        except OSError as exc:
-            log.debug("failed to receive on socket: %s", exc)
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        if not data:  # the broker closed the connection
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        sock.buf = data
-        sock.pos = 0
-        return None
-
-    def _deliver(self, sock: BufferedSocket) -> None:
-        batch: list[Publish] = []
-        if self._topics is None:
-            self._topics = {}
-        sock.pos = split_publishes(
-            sock.buf, sock.pos, self._protocol == mqtt.MQTTv5, batch, self._topics
-        )
-        if not batch:
-            return
-        now = time.monotonic()
-        with self._msgtime_mutex:
-            self._last_bytes_received = now
-        assert self.on_publishes is not None  # noqa: S101 - checked by loop_read
-        # Under paho's callback lock, as on_message is called: what the handler publishes (and
-        # the PUBACKs) is queued for this loop's write turn rather than written there and then.
-        with self._in_callback_mutex:
-            self.on_publishes(batch, now)
-            if not self._manual_ack:
-                for _, _, mid, qos in batch:
-                    if qos:
-                        self._send_puback(mid)
-
-    def _pubacks(self, sock: BufferedSocket) -> MQTTErrorCode:
-        """Handle the run of plain PUBACKs (success, no properties: 4 bytes) at the buffer's head.
-
-        What paho's _handle_pubackcomp does for them, without decoding a reason code and a
-        Properties object per packet: the broker acknowledges every prediction this way.
-        """
-        buf, pos, end = sock.buf, sock.pos, len(sock.buf)
-        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        seen = False
-        while pos + 4 <= end and buf[pos] == _PUBACK and buf[pos + 1] == 2:
-            mid = (buf[pos + 2] << 8) | buf[pos + 3]
-            pos += 4
-            seen = True
-            with self._out_message_mutex:
-                if mid in self._out_messages:
-                    rc = self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break
-        sock.pos = pos
-        if seen:
-            with self._msgtime_mutex:
-                self._last_bytes_received = time.monotonic()
-        return rc
+        return BufferedClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,10 @@ def _output_type(value: Any) -> str:
 
 if TYPE_CHECKING:
     OutputConfig = OutputConfigBase
+elif len(OUTPUTS) == 1:
+    # A union of one is its member, and pydantic 2.6 (the oldest supported) refuses a
+    # discriminator on a non-union.
+    OutputConfig = next(iter(OUTPUTS.values())).config
 else:
     OutputConfig = Annotated[
         Union[tuple(Annotated[p.config, Tag(t)] for t, p in OUTPUTS.items())],  # noqa: UP007

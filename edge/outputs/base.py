@@ -22,7 +22,12 @@ from floorline.edge.stream.window import Window
 
 
 class OutputConfigBase(BaseModel):
-    """Base of every output's config model: strict, immutable, selected by ``type``."""
+    """Base of every output's config model: strict, immutable, selected by ``type``.
+
+    Only the ``mqtt`` output's ``type`` has a default (an ``output:`` without one means it); any
+    other output must require ``type`` (``type: Literal["name"]`` without a default), or a config
+    without it would match two branches of the JSON Schema.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

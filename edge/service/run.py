@@ -9,6 +9,13 @@ systemd (``Type=notify``): READY=1 only once the broker accepted the connection,
 subscriptions are acknowledged and every bundle passed its self-test; STATUS= with rates every
 stats interval; WATCHDOG=1 only while every worker made progress (or was idle with nothing
 queued) within half the watchdog interval; RELOADING=1 … READY=1 around a reload; STOPPING=1.
+
+Liveness: the daemon's monitor publishes the retained state ``degraded`` (with the reason) within
+a second of a pipeline worker thread or the MQTT network thread dying, or 30 s into a stall
+(``Daemon.stall_s``). The watchdog pings stop at once (dead) or after half the interval (stalled),
+and whatever systemd does about that, a problem that lasts ``UNHEALTHY_EXIT_S`` (30 s) more makes
+``floorline run`` drain what it can, publish ``offline`` and exit with status 1, so
+``Restart=on-failure`` starts it afresh: a dead thread never comes back by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,12 +35,7 @@ from floorline.edge.errors import FloorlineError
 from floorline.edge.messages import Outbound
 from floorline.edge.service.logs import setup_logging
 from floorline.edge.service.metrics import MetricsServer, StatsReporter
-from floorline.edge.service.sdnotify import (
-    Notifier,
-    WatchdogPinger,
-    watchdog_interval,
-    workers_healthy,
-)
+from floorline.edge.service.sdnotify import Notifier, WatchdogPinger, watchdog_interval
 
 if TYPE_CHECKING:
     from floorline.edge.fleet.agent import FleetAgent
@@ -40,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PID_FILE = "floorline.pid"
+_READY_POLL_S = 0.2  # how often the start-up wait looks for a stop request
+UNHEALTHY_EXIT_S = 30.0
+"""A dead or stalled thread that long (once noticed) ends ``floorline run`` with status 1."""
 
 
 class Service:
@@ -57,10 +63,15 @@ class Service:
             self.agent = FleetAgent(self.daemon, self.base)
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._terminate = threading.Event()  # SIGTERM/SIGINT: never cleared, unlike _stop
         self.notifier = Notifier()
         self.pinger: WatchdogPinger | None = None
         self.reporter: StatsReporter | None = None
         self.metrics_server: MetricsServer | None = None
+        self.failure: str | None = None
+        """Why the service gave up (``run`` then exits with status 1), or None."""
+        self.daemon.fatal_after_s = UNHEALTHY_EXIT_S
+        self.daemon.on_fatal = self._fail
 
     def start(self, ready_timeout: float = 60.0) -> None:
         """Verify and load (the last-known-good when the fleet has one), then connect."""
@@ -120,25 +131,33 @@ class Service:
         # READY only once the broker said yes and the subscriptions are acknowledged; bundles
         # were self-tested in load(). Without a broker the service is not ready: systemd's
         # TimeoutStartSec then decides, and the reason is in the log.
+        # Waits in short slices: a stop asked for meanwhile must not wait for the broker (systemd
+        # sends SIGKILL after TimeoutStopSec).
         transport = self.daemon.transport
         assert transport is not None  # noqa: S101
-        if not transport.subscribed.wait(timeout):
-            log.error("not ready after %.0f s: %s", timeout,
-                      transport.last_error or "no connection to the broker")
-            while not transport.subscribed.wait(0.5):
-                if self._stop.is_set() and not self._reload.is_set():
-                    return  # asked to stop before ever being ready
+        deadline = time.monotonic() + timeout
+        complained = False
+        while not transport.subscribed.wait(_READY_POLL_S):
+            if self._stop_requested():
+                return  # asked to stop before ever being ready
+            if not complained and time.monotonic() >= deadline:
+                complained = True
+                log.error("not ready after %.0f s: %s", timeout,
+                          transport.last_error or "no connection to the broker")
         self.notifier.ready(self._status_line())
         interval = watchdog_interval()
         if interval:
-            pipelines = self.daemon
-
             self.pinger = WatchdogPinger(
                 self.notifier,
                 interval,
-                lambda: workers_healthy(pipelines.pipelines, max_age_s=interval / 2),
+                lambda: self.daemon.problem(max_age_s=interval / 2) is None,
             )
             self.pinger.start()
+
+    def _stop_requested(self) -> bool:
+        # SIGTERM/SIGINT, or a stop without a reload (SIGHUP sets _stop too, only to wake the
+        # main loop; a SIGHUP while starting is handled once started).
+        return self._terminate.is_set() or (self._stop.is_set() and not self._reload.is_set())
 
     def reload(self) -> bool:
         """Re-read the config file and apply it; the running config stays if it is invalid."""
@@ -182,6 +201,7 @@ class Service:
         def on_stop(signum: int, frame: object) -> None:
             del frame
             log.info("signal %d: stopping", signum)
+            self._terminate.set()
             self._stop.set()
 
         def on_hup(signum: int, frame: object) -> None:
@@ -197,6 +217,8 @@ class Service:
         """Serve until SIGTERM/SIGINT; reload on SIGHUP."""
         while True:
             self._stop.wait(1.0)
+            if self._terminate.is_set():
+                break  # before a reload asked for at the same time: stopping wins
             if self._reload.is_set():
                 self._reload.clear()
                 self._stop.clear()
@@ -205,6 +227,15 @@ class Service:
                 continue
             if self._stop.is_set():
                 break
+
+    def _fail(self, reason: str) -> None:
+        # The daemon's monitor thread, every period while the problem lasts: ask the main loop
+        # to stop (again, should a reload have cleared the request).
+        if self.failure is None:
+            log.error("unhealthy for %.0f s (%s): exiting with status 1 for a restart",
+                      self.daemon.fatal_after_s or 0.0, reason)
+            self.failure = reason
+        self._stop.set()
 
     def stop(self) -> None:
         """Stop the agent, drain and stop the daemon, remove the pid file."""
@@ -215,24 +246,24 @@ class Service:
             self.reporter.stop()
         if self.agent is not None:
             self.agent.stop()
-        self.daemon.stop()
+        self.daemon.stop(f"unhealthy: {self.failure}" if self.failure else "shutdown")
         if self.metrics_server is not None:
             self.metrics_server.stop()
         with contextlib.suppress(OSError):  # a read-only state directory had none
             (self.daemon.state_dir / PID_FILE).unlink(missing_ok=True)
 
 
-def run(config_path: Path) -> int:
-    """The ``floorline run`` command."""
+def run(config_path: Path, *, verbose: bool = False) -> int:
+    """The ``floorline run`` command; VERBOSE (``-v``) logs at DEBUG whatever the config says."""
     service = Service(config_path)
-    setup_logging(service.base.logging.level)
+    setup_logging("DEBUG" if verbose else service.base.logging.level)
     service.install_signal_handlers()
     service.start()
     try:
         service.run_until_signalled()
     finally:
         service.stop()
-    return 0
+    return 1 if service.failure else 0
 
 
 def send_reload(config_path: Path) -> str:

@@ -10,14 +10,15 @@ daemon calls the same code under systemd, in a terminal and in tests.
     interval = watchdog_interval()            # from $WATCHDOG_USEC, or None
     if interval:
         pinger = WatchdogPinger(notifier, interval,
-                                lambda: workers_healthy(daemon.pipelines, max_age_s=15.0))
+                                lambda: daemon.problem(max_age_s=interval / 2) is None)
         pinger.start()
     ...
     notifier.stopping(); pinger.stop()
 
 The watchdog is only useful if a ping means "working": ``WatchdogPinger`` sends ``WATCHDOG=1``
-only while its ``healthy()`` callable says so, so a stalled worker stops the pings and systemd
-restarts the service after ``WatchdogSec``.
+only while its ``healthy()`` callable says so, so a stalled or dead worker, or a stalled or dead
+network thread (``workers_problem``, ``network_problem``), stops the pings and systemd restarts
+the service after ``WatchdogSec``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ __all__ = [
     "Notifier",
     "ProgressReporting",
     "WatchdogPinger",
+    "network_problem",
     "watchdog_interval",
     "workers_healthy",
+    "workers_problem",
 ]
 
 
@@ -174,17 +177,71 @@ class ProgressReporting(Protocol):
 def workers_healthy(
     workers: Iterable[ProgressReporting], max_age_s: float, *, now: float | None = None
 ) -> bool:
-    """Whether every worker is healthy: progress within MAX_AGE_S, or idle with nothing queued.
+    """Whether every worker is healthy (``workers_problem`` finds nothing)."""
+    return workers_problem(workers, max_age_s, now=now) is None
 
-    A worker is stalled when its ``last_progress`` is older than MAX_AGE_S *and* its inbox holds
-    messages: it has work and does not get through it (a hung inference, a deadlock). An old
-    timestamp with an empty inbox is not a stall, since there was nothing to do; a worker
-    thread that died is noticed as soon as input queues up behind it. Choose MAX_AGE_S above the
-    slowest legitimate loop turn (one batch's inference plus ``max_wait_ms``) and below
-    ``WatchdogSec``.
+
+def workers_problem(
+    workers: Iterable[ProgressReporting], max_age_s: float, *, now: float | None = None
+) -> str | None:
+    """What is wrong with the first unhealthy worker, or None when every one is healthy.
+
+    A worker is dead when its ``failure()`` (if it has one; ``Pipeline`` does) names a reason:
+    its thread ended though nobody stopped it. It is stalled when its ``last_progress`` is older
+    than MAX_AGE_S *and* its inbox holds messages: it has work and does not get through it (a
+    hung inference, a deadlock). An old timestamp with an empty inbox is not a stall, since there
+    was nothing to do. Choose MAX_AGE_S above the slowest legitimate loop turn (one batch's
+    inference plus ``max_wait_ms``) and below ``WatchdogSec``.
     """
     t = time.monotonic() if now is None else now
-    return all(t - w.last_progress <= max_age_s or w.inbox.qsize() == 0 for w in workers)
+    for w in workers:
+        failure: Callable[[], str | None] | None = getattr(w, "failure", None)
+        reason = failure() if failure is not None else None
+        if reason:
+            return reason
+        if t - w.last_progress > max_age_s and w.inbox.qsize():
+            # The same words for as long as it lasts: a reason that changed every check would
+            # look like a new problem each time.
+            name = getattr(w, "name", "?")
+            return f"pipeline {name}: worker stalled (input queued, no turn for {max_age_s:g} s)"
+    return None
+
+
+class NetworkReporting(Protocol):
+    """The MQTT connection as far as its health goes.
+
+    ``floorline.edge.mqtt.transport.MqttTransport`` is one. Optionally it also has
+    ``is_alive()`` (whether its network thread runs) and ``last_loop`` (``time.monotonic()`` of
+    that thread's last turn); without them only what it has is checked.
+    """
+
+    @property
+    def connected(self) -> threading.Event:
+        """Set while the broker has accepted the connection."""
+        ...
+
+
+def network_problem(
+    transport: NetworkReporting | None, max_age_s: float, *, now: float | None = None
+) -> str | None:
+    """What is wrong with the network thread, or None while it is healthy (or not started).
+
+    Dead: ``is_alive()`` says False. Stalled: connected, yet ``last_loop`` is older than
+    MAX_AGE_S (while disconnected the thread legitimately sleeps between reconnect attempts).
+    """
+    if transport is None:
+        return None
+    is_alive: Callable[[], bool] | None = getattr(transport, "is_alive", None)
+    if is_alive is not None and not is_alive():
+        return "MQTT network thread died"
+    last_loop = getattr(transport, "last_loop", None)
+    if (
+        isinstance(last_loop, float)
+        and transport.connected.is_set()
+        and (time.monotonic() if now is None else now) - last_loop > max_age_s
+    ):
+        return f"MQTT network thread stalled (no turn for {max_age_s:g} s while connected)"
+    return None
 
 
 class WatchdogPinger:
@@ -241,8 +298,9 @@ class WatchdogPinger:
                 log.info("workers healthy again; watchdog pings resumed")
             else:
                 log.warning(
-                    "health check failed (a stalled pipeline worker?); withholding watchdog "
-                    "pings: systemd restarts the service after %.0f s without one",
+                    "health check failed (a stalled or dead worker or network thread); "
+                    "withholding watchdog pings: systemd restarts the service after %.0f s "
+                    "without one",
                     self.interval_s,
                 )
         self.checks += 1  # before is_healthy: whoever sees the new state sees this check counted

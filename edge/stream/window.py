@@ -7,6 +7,12 @@ sequence jump beyond ``max_seq_gap`` empties the asset's buffer before the sampl
 whether the gap falls between two messages or inside one block. Samples whose sequence number was
 already seen (QoS 1 redelivery) are dropped and counted.
 
+Sequence numbers are unsigned 64-bit counters (the binary header's uint64), so they wrap: the
+number after 2**64 - 1 is 0, and every distance between two of them is taken modulo 2**64, the
+short way round (RFC 1982 serial-number arithmetic). A jump of 2**63 or more forward therefore
+reads as a jump backwards, a device restart or a redelivery. A number outside [0, 2**64 - 1] is
+refused (``bad_sequence``), whatever decoder produced it.
+
 Blocks are copied into the ring with slice assignments, never sample by sample; Python loops run
 once per emitted window or per gap inside a block.
 """
@@ -24,10 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from floorline.edge.decoders.base import Samples
 from floorline.edge.errors import ConfigError, DecodeError
 
-__all__ = ["RESET_CAUSES", "Window", "WindowConfig", "Windower"]
+__all__ = ["RESET_CAUSES", "SEQ_MAX", "Window", "WindowConfig", "Windower"]
 
 RESET_CAUSES = ("time_gap", "time_backwards", "seq_gap", "seq_restart")
 """Why an asset's buffer was emptied; the keys of :attr:`Windower.resets`."""
+
+SEQ_MAX = (1 << 64) - 1
+"""The largest sequence number; the next one is 0."""
+_SEQ_HALF = 1 << 63
 
 
 @dataclass(slots=True)
@@ -59,11 +69,13 @@ class WindowConfig(BaseModel):
         "means the window size (tumbling windows, no overlap).",
     )
     max_gap_s: float | None = Field(
-        default=None,
+        default=5.0,
         gt=0,
         description="A timestamp jump between consecutive samples larger than this (seconds) "
         "starts the asset's window afresh; null disables the check. Time going backwards always "
-        "starts afresh.",
+        "starts afresh. The default, 5 s, catches outages in any stream and suits streams down "
+        "to one sample every few seconds, jitter included; set a few sample intervals for fast "
+        "streams (0.05 at 1 kHz) and more for slower ones. Only with timestamps in the input.",
     )
     max_seq_gap: int | None = Field(
         default=1,
@@ -140,7 +152,8 @@ class Windower:
         """Add one message's SAMPLES for ASSET; return the windows they complete, oldest first.
 
         RECEIVED (monotonic seconds) is carried into those windows for latency accounting.
-        Raises DecodeError ``too_many_assets`` for a new asset beyond ``max_assets``.
+        Raises DecodeError ``too_many_assets`` for a new asset beyond ``max_assets``, and
+        ``bad_sequence`` for a sequence number outside [0, 2**64 - 1].
         """
         values = samples.values
         if values.ndim != 2 or values.shape[1] != self._features:
@@ -148,17 +161,24 @@ class Windower:
         n = len(values)
         if n == 0:
             return []
+        first_seq = samples.first_seq
+        if first_seq is not None and not 0 <= first_seq <= SEQ_MAX:
+            # Any decoder's numbers, not only the binary header's: a wider one cannot be journaled.
+            what = "negative" if first_seq < 0 else f"{first_seq.bit_length()} bits"
+            raise DecodeError("bad_sequence", f"{what}: not in [0, 2**64-1]")
         state = self._assets.get(asset)
         if state is None:
             if len(self._assets) >= self._max_assets:
                 raise DecodeError("too_many_assets", f"already tracking {len(self._assets)}")
             state = self._assets[asset] = _AssetState(self._size, self._features)
         times = samples.timestamps
-        first_seq = samples.first_seq
         reset_cause: str | None = None  # why the buffer must be emptied before sample 0
 
         if first_seq is not None and state.last_seq is not None:
-            behind = state.last_seq - first_seq + 1  # samples at the front already seen
+            # Samples at the front already seen (<= 0: a jump forward of 1 - behind), mod 2**64.
+            behind = (state.last_seq + 1 - first_seq) & SEQ_MAX
+            if behind >= _SEQ_HALF:
+                behind -= SEQ_MAX + 1
             if self._max_rewind is not None and behind > self._max_rewind:
                 reset_cause = "seq_restart"
             elif behind > 0:
@@ -168,7 +188,7 @@ class Windower:
                     return []
                 values = values[dropped:]
                 times = None if times is None else times[dropped:]
-                first_seq += dropped
+                first_seq = (first_seq + dropped) & SEQ_MAX
                 n -= dropped
             elif self._max_seq_gap is not None and -behind >= self._max_seq_gap:
                 reset_cause = "seq_gap"  # behind <= 0 means a jump of 1 - behind
@@ -199,7 +219,7 @@ class Windower:
             self._append(asset, state, values[start:], _slice(times, start, n), received, out)
 
         state.last_ts = None if times is None else float(times[-1])
-        state.last_seq = None if first_seq is None else first_seq + n - 1
+        state.last_seq = None if first_seq is None else (first_seq + n - 1) & SEQ_MAX
         return out
 
     def _time_cuts(
@@ -309,7 +329,10 @@ class Windower:
     # -- durable state (floorline.edge.daemon.journal)
     # -------------------------------------------------------
 
-    _HEADER = struct.Struct("<qqqdq?")  # head, until_emit, index, last_ts, last_seq, has_seq
+    # head, until_emit, index, last_ts, last_seq (uint64: any sequence number), has_seq. The
+    # sequence was an int64 once; for numbers below 2**63 the bytes are the same, so journals
+    # written then still load.
+    _HEADER = struct.Struct("<qqqdQ?")
 
     def export_state(self, asset: str) -> bytes | None:
         """ASSET's exact buffer and stream position as bytes (None if the asset is unknown).
@@ -325,7 +348,7 @@ class Windower:
             s.until_emit,
             s.index,
             math.nan if s.last_ts is None else s.last_ts,
-            -1 if s.last_seq is None else s.last_seq,
+            0 if s.last_seq is None else s.last_seq,
             s.last_seq is not None,
         )
         return header + s.ring.tobytes() + s.times.tobytes()
