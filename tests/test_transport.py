@@ -922,6 +922,8 @@ def test_floorline_run_stops_promptly_on_sigterm_while_the_broker_is_unreachable
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )
     seen: list[str] = []
+    hung = threading.Timer(60, proc.kill)  # whatever happens, the test ends
+    hung.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # up to the first failed attempt: signal handlers are in place
@@ -935,6 +937,7 @@ def test_floorline_run_stops_promptly_on_sigterm_while_the_broker_is_unreachable
         out, _ = proc.communicate(timeout=10)
         took = time.monotonic() - signalled
     finally:
+        hung.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)

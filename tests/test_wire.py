@@ -2,11 +2,12 @@
 
 The real path (``Publisher`` with its on-disk outbox → ``MqttTransport`` → mosquitto) under the
 mix the daemon produces: several pipelines' predictions, dead letters and stats through
-``Publisher.submit``, state reports straight to the connection (``keep=False``), and manual
-PUBACKs for received input from a worker thread, all at once: over 50,000 QoS 1 messages. A
-stock paho subscriber in a process of its own (not the code under test, and not competing for
-this process's GIL) checks per-topic sequence numbers: nothing reordered, nothing lost, nothing
-twice.
+``Publisher.submit``, state reports to the connection's own queue (``keep=False``), reports
+through ``MqttTransport.publish`` itself, and manual PUBACKs for received input from a worker
+thread, all at once: over 100,000 QoS 1 messages (before the one-writer fix, about one in
+100,000 came out of order here; with half as many, half the runs would have missed it). A stock
+paho subscriber in a process of its own (not the code under test, and not competing for this
+process's GIL) checks per-topic sequence numbers: nothing reordered, nothing lost, nothing twice.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ from tests.mqtt_broker import Mosquitto, wait_until
 
 PIPELINES = 4
 ASSETS = 4  # per pipeline: each a topic of its own
-PREDICTIONS_PER_PIPELINE = 11_000
+PREDICTIONS_PER_PIPELINE = 22_000
 BATCH = 25  # predictions per submit, as a pipeline's batch
-DEAD_LETTERS = 4_200
-STATS_REPORTS = 1_500
+DEAD_LETTERS = 8_400
+STATS_REPORTS = 3_000
 # Retained, QoS 1, not kept: they wait in the connection's own queue, which holds 1000 (the rest
-# are refused, see test_a_state_report_the_connection_refuses_is_counted); and the test broker
-# saves its database for every retained message. Fewer than the queue holds, however slow the
-# broker's disk.
-STATE_REPORTS = 300
+# are refused, see test_a_state_report_the_connection_refuses_is_counted_and_logged), and the test
+# broker saves its database for every retained message: few, as the daemon sends them.
+STATE_REPORTS = 100
+REPORTERS = 1  # threads publishing through MqttTransport.publish itself, each its own topic
+REPORTS = 16_000  # each, one every REPORT_EVERY_S
+REPORT_EVERY_S = 0.0005
+REPORT_WINDOW = 600
 INPUTS = 2_000  # QoS 1 input the gateway acknowledges by hand from a worker thread
 DEADLINE_S = 90.0
 
@@ -147,6 +151,31 @@ def _sender(name: str, work: list[tuple[list[Outbound], bool]], publisher: Publi
     return threading.Thread(target=run, name=name, daemon=True)
 
 
+def _reporter(
+    transport: MqttTransport, topic: str, errors: list[BaseException]
+) -> threading.Thread:
+    """A thread publishing straight to the connection now and then, as stop()'s final messages go.
+
+    At most REPORT_WINDOW unacknowledged: the connection's own queue (1000) never overflows,
+    however slowly the broker acknowledges.
+    """
+
+    def run() -> None:
+        try:
+            window: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+            for i in range(REPORTS):
+                while window and window[0].is_published():
+                    window.popleft()
+                if len(window) >= REPORT_WINDOW:
+                    window.popleft().wait_for_publish(30)
+                window.append(transport.publish(topic, b"%d {}" % i, qos=1))
+                time.sleep(REPORT_EVERY_S)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    return threading.Thread(target=run, name="reports", daemon=True)
+
+
 def _numbered(topic: str, first: int, n: int, *, retain: bool = False) -> list[Outbound]:
     return [Outbound(topic, b"%d %s" % (first + i, b"x" * 40), 1, retain) for i in range(n)]
 
@@ -183,6 +212,7 @@ def test_concurrent_senders_reach_the_broker_complete_and_in_order_per_topic(
 ) -> None:
     out = f"{unique_topic}/out"
     work, expected = _workload(out)
+    expected |= {f"{out}/reports-{r}": REPORTS for r in range(REPORTERS)}
     total = sum(expected.values())
     assert total >= 50_000
     checker = subprocess.Popen(
@@ -201,6 +231,8 @@ def test_concurrent_senders_reach_the_broker_complete_and_in_order_per_topic(
         assert gateway.transport.wait_connected(10)
         wait_until(gateway.transport.subscribed.is_set, 10, "SUBACK")
         senders = [_sender(name, w, gateway.publisher, errors) for name, w in work.items()]
+        senders += [_reporter(gateway.transport, f"{out}/reports-{r}", errors)
+                    for r in range(REPORTERS)]
         started = time.monotonic()
         for s in senders:
             s.start()
@@ -235,9 +267,11 @@ def test_concurrent_senders_reach_the_broker_complete_and_in_order_per_topic(
           f"short: {missing or 'none'}; paho still holds (by state): {dict(held)}")
     assert not errors
     assert p.refused == 0
-    reordered = {topic: sum(1 for a, b in itertools.pairwise(s) if b < a)
+    reordered = {topic.rsplit("/", 2)[-1] if "pipeline" not in topic else
+                 "/".join(topic.rsplit("/", 2)[-2:]): [(a, b) for a, b in itertools.pairwise(s)
+                                                        if b < a]
                  for topic, s in seqs.items()}
-    assert {topic: n for topic, n in reordered.items() if n} == {}, f"reordered (of {total})"
+    assert {topic: r for topic, r in reordered.items() if r} == {}, f"reordered (of {total})"
     assert {topic: len(s) for topic, s in seqs.items()} == expected  # none lost, none twice
     for topic, s in seqs.items():
         assert s == list(range(expected[topic])), topic

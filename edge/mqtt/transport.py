@@ -4,13 +4,13 @@ Paho's network thread calls ``on_message`` under its own lock, so the callback g
 only enqueue. Connection state is what the broker said in CONNACK, never an assumption:
 ``connected`` is set in ``on_connect`` after a success code and cleared in ``on_disconnect``.
 
-The network loop is ours (paho's external-loop API: ``loop_read``, ``loop_write``, ``loop_misc``)
-rather than paho's ``loop_start``, for reasons paho does not cover:
-reconnects back off exponentially *with jitter* (a plant full of gateways that lost the same
-broker must not reconnect in lockstep), a silently dead connection (a broker or a NAT that
-stopped answering) is detected within 1.5 x keepalive rather than paho's 2 x, an outage is
-reported at growing intervals, and an exception anywhere in the loop resets the connection
-instead of ending the thread.
+The network loop is ours (paho's external-loop API: ``loop_read``, ``loop_write``,
+``loop_misc``) rather than paho's ``loop_start``, for reasons paho does not cover: reconnects
+back off exponentially *with jitter* (a plant full of gateways that lost the same broker must not
+reconnect in lockstep), a silently dead connection (a broker or a NAT that stopped answering) is
+detected within 1.5 x keepalive rather than paho's 2 x while any packet at all from the broker
+counts as a sign of life, an outage is reported at growing intervals, and an exception anywhere
+in the loop resets the connection instead of ending the thread.
 
 One thread writes: only the network thread touches the socket. ``publish``, ``publish_tracked``,
 ``ack``, subscription changes and ``stop`` queue their packets from any thread (paho's
@@ -76,7 +76,6 @@ _WAIT_SLICE_S = 0.5  # backoff waits in slices, so last_loop moves while disconn
 _LOOP_ERROR_LOG_S = 60.0  # after the first (with its traceback), one line per this at most
 _FINAL_WRITE_S = 1.0  # what stop() gives the loop to send DISCONNECT
 _QUIET_START_S = 1.0  # a first connect quicker than this says nothing about an outage
-
 
 
 @dataclass(frozen=True)
