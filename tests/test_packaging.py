@@ -103,10 +103,10 @@ def test_third_party_boundaries(prefixes: tuple[str, ...], allowed: tuple[str, .
 
 def test_no_private_reach_ins_across_objects() -> None:
     # `other._thing` couples a module to another's internals; only self/cls may use _names.
-    # (The paho seam in edge/mqtt/ is the one place allowed to touch paho's private state.)
+    # (edge/mqtt/paho_seam.py is the one place allowed to touch paho's private state.)
     offenders = []
     for path in _sources(EDGE):
-        if path.relative_to(EDGE).parts[0] == "mqtt":
+        if path.relative_to(EDGE).as_posix() == "mqtt/paho_seam.py":
             continue
         offenders.extend(
             f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}"

@@ -903,6 +903,8 @@ def test_an_outage_is_reported_at_growing_intervals_in_messages_the_rate_limiter
     caplog.clear()
     mosquitto.restart()
     assert run.transport.wait_connected(10)
+    # `connected` is set before the line is logged: wait for the line, not the flag.
+    wait_until(lambda: "connected to" in caplog.text, 5, "the reconnect line")
     [back] = [r.getMessage() for r in caplog.records if "connected to" in r.getMessage()]
     assert re.search(r"after \d+\.\d s without a connection \(\d+ attempts\)", back), back
 
