@@ -51,12 +51,16 @@ def manifest_dict(
     *,
     artifacts: list[dict[str, Any]] | None = None,
     golden_sha256: str = FAKE_SHA,
+    schema: int = SCHEMA_VERSION,
 ) -> dict[str, Any]:
-    """A raw manifest document that validates: a 2-class classifier on 8x3 windows."""
+    """A raw manifest document that validates: a 2-class classifier on 8x3 windows.
+
+    SCHEMA 1 is the first format (one ``output``), which gateways keep reading.
+    """
     if artifacts is None:
         artifacts = [{"file": ARTIFACT_FILE, "sha256": FAKE_SHA, "size": 256, **ARTIFACT_FIELDS}]
-    return {
-        "schema_version": SCHEMA_VERSION,
+    raw = {
+        "schema_version": schema,
         "name": "vibration-demo",
         "version": "1.0.0",
         "task": "classification",
@@ -71,15 +75,23 @@ def manifest_dict(
             "features": [{"name": f, "unit": "g"} for f in FEATURES],
             "normalization": {"mean": [0.0] * len(FEATURES), "std": [1.0] * len(FEATURES)},
         },
-        "output": {
-            "name": "output",
-            "shape": [None, len(LABELS)],
-            "labels": list(LABELS),
-            "thresholds": {"bad": 0.5},
-        },
+        "outputs": [
+            {
+                "name": "output",
+                "task": "classification",
+                "shape": [None, len(LABELS)],
+                "labels": list(LABELS),
+                "thresholds": {"bad": 0.5},
+            }
+        ],
         "artifacts": copy.deepcopy(artifacts),
         "golden": {"file": GOLDEN_FILE, "sha256": golden_sha256, "samples": SAMPLES},
     }
+    if schema == 1:
+        head = raw.pop("outputs")[0]
+        del head["task"]
+        raw["output"] = head
+    return raw
 
 
 def stage_files(staging: Path, *, golden_bytes: bytes | None = None, seed: int = 0) -> None:

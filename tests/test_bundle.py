@@ -80,7 +80,7 @@ def _rewrite_manifest(bundle: Path, **update: object) -> None:
 def test_valid_bundle_directory_opens(bundle_dir: Path) -> None:
     with Bundle.open(bundle_dir) as bundle:
         assert bundle.path == bundle_dir
-        assert bundle.manifest.output.labels == LABELS
+        assert bundle.manifest.heads[0].labels == LABELS
         assert bundle.signed_by is None
         assert bundle.manifest_sha256 == sha256_bytes((bundle_dir / MANIFEST_FILE).read_bytes())
         assert bundle.golden.inputs.shape == (SAMPLES, 8, 3)

@@ -71,7 +71,7 @@ def test_predictions_equal_direct_backend_inference_per_asset(
         assert [b["seq"] for b in got] == list(range(7))  # (256 - 64) / 32 + 1 windows
         expected = expected_outputs(samples, backend, artifact)
         with Bundle.open(EXAMPLE) as bundle:
-            labels = bundle.manifest.output.labels
+            labels = bundle.manifest.heads[0].labels
         for body, want in zip(got, expected, strict=True):
             scores = np.array([body["scores"][label] for label in labels])
             assert np.abs(scores - want).max() <= 1e-6

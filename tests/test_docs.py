@@ -92,7 +92,7 @@ def _prediction_topic(gateway: str = "line1-gw01", pipeline: str = "vibration",
 def _prediction(gateway: str, asset: str, seq: int, label: str) -> bytes:
     """A prediction exactly as a gateway encodes it, for the example bundle's classifier."""
     manifest = Manifest.from_bytes((EXAMPLE / "manifest.json").read_bytes())
-    labels = manifest.output.labels
+    labels = manifest.heads[0].labels
     assert labels is not None
     encoder = PredictionEncoder(
         gateway=gateway, pipeline="vibration", manifest=manifest,

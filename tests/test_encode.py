@@ -53,6 +53,7 @@ def test_a_batch_encodes_as_its_windows_one_by_one(
     assert [without_ts(b) for b in batch] == [without_ts(s) for s in single]
     if task is Task.CLASSIFICATION:
         docs = [orjson.loads(b) for b in batch]
-        names = encoder._labels
+        names = Bundle.open(EXAMPLE).manifest.heads[0].labels
+        assert names is not None
         assert docs[1]["label"] == names[1]
         assert docs[2]["label"] == names[2]

@@ -108,7 +108,7 @@ def test_predictions_equal_direct_backend_inference_per_asset(nats, mqtt_client,
                               sample_payload(1000.0 * (n + 1) + i / 1000, i, samples[i]), qos=1)
         msgs = probe.wait_for(2 * 7, PREDICTIONS, timeout=20)
     with Bundle.open(EXAMPLE) as bundle:
-        labels = bundle.manifest.output.labels
+        labels = bundle.manifest.heads[0].labels
     by_asset: dict[str, list[dict]] = {}
     for m in msgs:
         assert m.qos == 1  # QoS 1 end to end: floorline published it so, NATS delivered it so

@@ -46,7 +46,7 @@ def test_valid_manifest_round_trips_to_identical_bytes() -> None:
 
 
 def test_to_bytes_does_not_depend_on_input_key_order() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     a = Manifest.from_bytes(json.dumps(raw).encode()).to_bytes()
     b = Manifest.from_bytes(json.dumps(_reverse_keys(raw), indent=4).encode()).to_bytes()
     assert a == b
@@ -114,7 +114,7 @@ INVALID: list[tuple[str, Callable[[Raw], None], list[str]]] = [
     ("unknown nested key", _set("input.scale", 2.0), ["input.scale", "not permitted"]),
     ("unknown artifact key", _set("artifacts.0.url", "x"), ["artifacts.0.url"]),
     ("missing required field", lambda r: r.pop("created_at"), ["created_at", "required"]),
-    ("schema version too new", _set("schema_version", 2), ["schema_version", "version 2"]),
+    ("schema version too new", _set("schema_version", 3), ["schema_version", "versions 1, 2"]),
     ("schema version zero", _set("schema_version", 0), ["schema_version"]),
     ("semver two parts", _set("version", "1.0"), ["version", "'1.0'"]),
     ("semver leading v", _set("version", "v1.0.0"), ["version"]),
@@ -187,7 +187,7 @@ INVALID: list[tuple[str, Callable[[Raw], None], list[str]]] = [
 def test_invalid_manifest_is_refused_naming_the_field(
     mutate: Callable[[Raw], None], expected: list[str]
 ) -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     mutate(raw)
     message = _parse_error(raw)
     for fragment in expected:
@@ -195,14 +195,14 @@ def test_invalid_manifest_is_refused_naming_the_field(
 
 
 def test_schema_error_says_which_version_is_supported() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     raw["schema_version"] = SCHEMA_VERSION + 1
     message = _parse_error(raw)
-    assert f"reads version {SCHEMA_VERSION}" in message
+    assert f"reads versions 1, {SCHEMA_VERSION}" in message
 
 
 def test_many_errors_are_summarised() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     for key in ("name", "version", "task", "created_at", "converter_version", "source", "golden"):
         raw.pop(key)
     message = _parse_error(raw)
@@ -210,7 +210,7 @@ def test_many_errors_are_summarised() -> None:
 
 
 def test_unique_artifact_names_with_distinct_files_are_accepted() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     second = {"file": "model_int8.tflite", "sha256": FAKE_SHA, "size": 10, **ARTIFACT_FIELDS}
     second["quantization"] = "int8"
     raw["artifacts"].append(second)
@@ -219,7 +219,7 @@ def test_unique_artifact_names_with_distinct_files_are_accepted() -> None:
 
 
 def test_anomaly_model_with_threshold_is_accepted() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     _anomaly_without_threshold(raw)
     raw["output"]["thresholds"] = {"anomaly": 0.8}
     raw["output"]["shape"] = [None, 1]
@@ -227,14 +227,14 @@ def test_anomaly_model_with_threshold_is_accepted() -> None:
 
 
 def test_regression_model_needs_no_labels() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     raw["task"] = "regression"
     raw["output"]["labels"] = None
     assert Manifest.from_bytes(_encode(raw)).output.labels is None
 
 
 def test_per_sample_model_has_window_one() -> None:
-    raw = manifest_dict()
+    raw = manifest_dict(schema=1)
     raw["input"]["shape"] = [None, 3]
     raw["input"]["window"] = 1
     assert Manifest.from_bytes(_encode(raw)).input.window == 1
@@ -263,3 +263,131 @@ def test_not_json_is_a_manifest_error(data: bytes) -> None:
 def test_json_that_is_not_an_object_is_a_manifest_error(data: bytes) -> None:
     with pytest.raises(ManifestError, match="must hold a JSON object"):
         Manifest.from_bytes(data)
+
+
+# Schema 2: heads. A schema 1 manifest keeps loading (the committed example bundle is one) and
+# keeps its exact bytes when written again.
+
+
+def _two_heads(raw: Raw) -> None:
+    raw["outputs"].append({"name": "rul", "task": "regression", "shape": [None, 1], "units": ["h"]})
+    for art in raw["artifacts"]:
+        art["outputs"] = ["fault_probs", "rul_hours"]
+
+
+def _autoencoder(raw: Raw) -> None:
+    raw["task"] = "anomaly"
+    raw["outputs"] = [
+        {
+            "name": "reconstruction",
+            "task": "anomaly",
+            "shape": [None, 8, 3],
+            "score": {"metric": "mse", "threshold": 0.25, "percentile": 99.0},
+        }
+    ]
+
+
+def test_schema_1_manifest_is_read_and_rewritten_byte_for_byte() -> None:
+    raw = manifest_dict(schema=1)
+    data = _encode(raw)
+    manifest = Manifest.from_bytes(data)
+    assert manifest.schema_version == 1
+    assert [h.name for h in manifest.heads] == ["output"]
+    assert manifest.heads[0].task.value == "classification"
+    assert manifest.heads[0].labels == ["ok", "bad"]
+    again = json.loads(manifest.to_bytes())
+    assert "outputs" not in again
+    assert "outputs" not in again["artifacts"][0]
+
+
+def test_committed_schema_1_example_bundle_still_opens() -> None:
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.resources import example_bundle  # noqa: PLC0415
+
+    with Bundle.open(example_bundle("pdm-classifier")) as bundle:
+        assert bundle.manifest.schema_version == 1
+        assert bundle.manifest.heads[0].labels
+
+
+def test_two_head_manifest_round_trips() -> None:
+    raw = manifest_dict()
+    _two_heads(raw)
+    manifest = Manifest.from_bytes(_encode(raw))
+    assert [h.name for h in manifest.heads] == ["output", "rul"]
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+def test_autoencoder_manifest_is_accepted() -> None:
+    raw = manifest_dict()
+    _autoencoder(raw)
+    head = Manifest.from_bytes(_encode(raw)).heads[0]
+    assert head.score is not None
+    assert head.score.threshold == 0.25
+    assert head.size == 24
+
+
+def _heads_without_tensor_names(raw: Raw) -> None:
+    _two_heads(raw)
+    del raw["artifacts"][0]["outputs"]
+
+
+def _duplicate_head(raw: Raw) -> None:
+    _two_heads(raw)
+    raw["outputs"][1]["name"] = "output"
+
+
+def _reconstruction_of_other_shape(raw: Raw) -> None:
+    _autoencoder(raw)
+    raw["outputs"][0]["shape"] = [None, 4, 3]
+
+
+def _reconstruction_without_score(raw: Raw) -> None:
+    _autoencoder(raw)
+    del raw["outputs"][0]["score"]
+
+
+def _score_on_classifier(raw: Raw) -> None:
+    raw["outputs"][0]["score"] = {"metric": "mse", "threshold": 1.0}
+
+
+def _task_not_first_head(raw: Raw) -> None:
+    raw["task"] = "regression"
+
+
+def _v1_key_in_v2(raw: Raw) -> None:
+    raw["output"] = manifest_dict(schema=1)["output"]
+
+
+def _v2_key_in_v1(raw: Raw) -> None:
+    raw["schema_version"] = 1
+
+
+INVALID_V2: list[tuple[str, Callable[[Raw], None], list[str]]] = [
+    ("heads without tensor names", _heads_without_tensor_names, ["one tensor per head"]),
+    ("duplicate head names", _duplicate_head, ["head names must be unique"]),
+    ("reconstruction shape", _reconstruction_of_other_shape, ["must equal the input"]),
+    ("reconstruction without score", _reconstruction_without_score, ["needs a score"]),
+    ("score on a classifier", _score_on_classifier, ["only an anomaly head"]),
+    ("task is not the first head's", _task_not_first_head, ["first head's task"]),
+    ("schema 1 key in schema 2", _v1_key_in_v2, ["no 'output'"]),
+    ("schema 2 keys in schema 1", _v2_key_in_v1, ["'output' and no 'outputs'"]),
+    ("head name not a slug", _set("outputs.0.name", "Fault Class"), ["outputs.0.name"]),
+    ("units vs outputs", _set("outputs.0.units", ["h"]), ["1 units for 2 outputs"]),
+    ("score metric", _set("outputs.0.score", {"metric": "rmse", "threshold": 1}), ["metric"]),
+    ("negative score threshold", _set("outputs.0.score", {"metric": "mse", "threshold": -1}),
+     ["threshold"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [pytest.param(m, e, id=i) for i, m, e in INVALID_V2],
+)
+def test_invalid_schema_2_manifest_is_refused(
+    mutate: Callable[[Raw], None], expected: list[str]
+) -> None:
+    raw = manifest_dict()
+    mutate(raw)
+    message = _parse_error(raw)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

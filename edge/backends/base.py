@@ -46,6 +46,10 @@ class BackendOptions:
     # tflite_runtime; "tensorflow" (tf.lite) is used only when named, because importing TensorFlow
     # costs ~500 MB, which a gateway does not have to spare.
     interpreter: str = "auto"
+    # Which output tensors to return, in this order (a bundle's heads: Artifact.outputs). Empty:
+    # the model must have exactly one output. Several: each row is the outputs flattened and
+    # joined in this order, every one dequantized with its own parameters first.
+    outputs: tuple[str, ...] = ()
 
 
 class Backend(Protocol):
@@ -62,9 +66,15 @@ class Backend(Protocol):
     """The module and version actually doing the work, e.g. "ai_edge_litert 2.3.0"."""
     input_spec: TensorSpec
     output_spec: TensorSpec
+    """The first (usually the only) output returned."""
+    output_specs: tuple[TensorSpec, ...]
+    """Every output returned, in order (``BackendOptions.outputs``)."""
 
     def infer(self, batch: FloatArray) -> FloatArray:
         """Run a batch of shape (n, *input_spec.shape[1:]), n >= 1; return (n, *outputs).
+
+        With several outputs the result is (n, total): each row holds every output flattened, in
+        ``output_specs`` order (see ``join_outputs``).
 
         Quantized artifacts take and return real values: the backend quantizes inputs and
         dequantizes outputs with the tensors' own parameters. Raises InferenceError on failure.
@@ -100,6 +110,42 @@ def quantize(values: FloatArray, quant: QuantParams, dtype: np.dtype[np.generic]
 def dequantize(values: NDArray[np.generic], quant: QuantParams) -> FloatArray:
     """Integers back to real values."""
     return ((values.astype(np.float32) - quant.zero_point) * quant.scale).astype(np.float32)
+
+
+ALL_OUTPUTS = ("*",)
+"""``BackendOptions.outputs`` meaning every output in the file's order (the converter uses it to
+find which tensor is which head)."""
+
+
+def pick_outputs(path: Path, available: list[str], wanted: tuple[str, ...]) -> list[int]:
+    """Indices into AVAILABLE (a model's output names) of WANTED, in WANTED's order.
+
+    Nothing wanted means the model's only output; a model with several outputs must be told which
+    (a bundle's artifact names them), never guessed.
+    """
+    if wanted == ALL_OUTPUTS:
+        return list(range(len(available)))
+    if not wanted:
+        if len(available) != 1:
+            raise BackendError(
+                f"{path}: the model has {len(available)} outputs ({', '.join(available)}) and "
+                "the bundle does not say which to use"
+            )
+        return [0]
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise BackendError(
+            f"{path}: no output tensor named {', '.join(missing)} (it has {', '.join(available)})"
+        )
+    return [available.index(name) for name in wanted]
+
+
+def join_outputs(parts: list[FloatArray]) -> FloatArray:
+    """One output as it is; several as (n, total): each row's outputs flattened, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    n = len(parts[0])
+    return np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
 
 
 def file_must_exist(path: Path) -> None:

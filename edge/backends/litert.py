@@ -21,6 +21,8 @@ from floorline.edge.backends.base import (
     check_batch,
     dequantize,
     file_must_exist,
+    join_outputs,
+    pick_outputs,
     quantize,
 )
 from floorline.edge.errors import BackendError, RuntimeMissingError
@@ -89,12 +91,17 @@ class LiteRTBackend:
             raise BackendError(f"{path}: {self.runtime} cannot load it: {exc}") from exc
         inputs = self._interp.get_input_details()
         outputs = self._interp.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BackendError(f"{path}: expected one input and one output tensor")
+        if len(inputs) != 1:
+            raise BackendError(f"{path}: expected one input tensor, the model has {len(inputs)}")
+        chosen = [
+            outputs[i]
+            for i in pick_outputs(path, [str(o["name"]) for o in outputs], options.outputs)
+        ]
         self._in_index = int(inputs[0]["index"])
-        self._out_index = int(outputs[0]["index"])
+        self._out_indices = [int(o["index"]) for o in chosen]
         self.input_spec = _spec(inputs[0])
-        self.output_spec = _spec(outputs[0])
+        self.output_specs = tuple(_spec(o) for o in chosen)
+        self.output_spec = self.output_specs[0]
         # A model exported with a fixed batch of 1 cannot be resized; it runs row by row.
         self._fixed_batch = self.input_spec.shape[0] is not None
         self._batch = int(inputs[0]["shape"][0])
@@ -111,9 +118,12 @@ class LiteRTBackend:
         self._interp.set_tensor(self._in_index, feed)
         self._interp.invoke()
         # get_tensor copies; the interpreter may overwrite its buffer on the next invoke.
-        raw = self._interp.get_tensor(self._out_index)
-        out_quant = self.output_spec.quant
-        return dequantize(raw, out_quant) if out_quant else np.asarray(raw, dtype=np.float32)
+        parts = []
+        for index, out_spec in zip(self._out_indices, self.output_specs, strict=True):
+            raw = self._interp.get_tensor(index)
+            quant = out_spec.quant
+            parts.append(dequantize(raw, quant) if quant else np.asarray(raw, dtype=np.float32))
+        return join_outputs(parts)
 
     def infer(self, batch: FloatArray) -> FloatArray:
         """See Backend.infer."""

@@ -14,6 +14,8 @@ from floorline.edge.backends.base import (
     TensorSpec,
     check_batch,
     file_must_exist,
+    join_outputs,
+    pick_outputs,
 )
 from floorline.edge.errors import BackendError, RuntimeMissingError
 
@@ -63,20 +65,25 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own untyped family
             raise BackendError(f"{path}: onnxruntime cannot load it: {exc}") from exc
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BackendError(f"{path}: expected one input and one output tensor")
+        if len(inputs) != 1:
+            raise BackendError(f"{path}: expected one input tensor, the model has {len(inputs)}")
+        chosen = [
+            outputs[i] for i in pick_outputs(path, [o.name for o in outputs], options.outputs)
+        ]
         self.input_spec = _spec(inputs[0])
-        self.output_spec = _spec(outputs[0])
+        self.output_specs = tuple(_spec(o) for o in chosen)
+        self.output_spec = self.output_specs[0]
+        self._out_names = [o.name for o in chosen]
 
     def infer(self, batch: FloatArray) -> FloatArray:
         """See Backend.infer."""
         check_batch(self.input_spec, batch)
         feed = {self.input_spec.name: batch.astype(self.input_spec.dtype, copy=False)}
         try:
-            (out,) = self._session.run([self.output_spec.name], feed)
+            outs = self._session.run(self._out_names, feed)
         except Exception as exc:  # onnxruntime raises its own untyped family
             raise BackendError(f"{self.runtime}: inference failed: {exc}") from exc
-        return np.asarray(out, dtype=np.float32)
+        return join_outputs([np.asarray(out, dtype=np.float32) for out in outs])
 
     def close(self) -> None:
         """See Backend.close."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,8 +25,10 @@ from pydantic import (
 
 from floorline.edge.errors import ManifestError
 
-SCHEMA_VERSION = 1
-"""The manifest schema this version writes and reads. Bump on any incompatible change."""
+SCHEMA_VERSION = 2
+"""The manifest schema this version writes. Bump on any incompatible change."""
+READABLE_SCHEMAS = (1, 2)
+"""Schemas this version reads: 1 (one output, ``output``) and 2 (heads, ``outputs``)."""
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(
@@ -37,7 +39,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 ArtifactFormat = Literal["tflite", "onnx"]
 Quantization = Literal["float32", "float16", "dynamic", "int8"]
-SourceFormat = Literal["keras", "h5", "savedmodel"]
+SourceFormat = Literal["keras", "h5", "savedmodel", "sklearn"]
+ScoreMetric = Literal["mse", "mae"]
 
 
 class Task(str, Enum):
@@ -151,11 +154,100 @@ class OutputSpec(_Strict):
         return self
 
 
+class ReconstructionScore(_Strict):
+    """How the gateway scores an autoencoder head: the error of its reconstruction of the input.
+
+    The score of a window is the mean squared (``mse``) or absolute (``mae``) difference between
+    the model's input (after normalization) and its reconstruction, over every sample and feature;
+    each feature's share of it says where the window departs from normal.
+    """
+
+    metric: ScoreMetric
+    threshold: float = Field(ge=0, description="A window scoring at or above it is anomalous.")
+    percentile: float | None = Field(
+        default=None,
+        gt=0,
+        lt=100,
+        description="The percentile of calibration-data scores the threshold was set at, if so.",
+    )
+
+
+class Head(_Strict):
+    """One model output ("head") and how to read it (schema 2).
+
+    Shape ``[null, k]``: k values per window. Shape ``[null, window, features]`` with a ``score``:
+    an autoencoder's reconstruction of its input, scored on the gateway.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    task: Task
+    shape: list[int | None]
+    labels: list[str] | None = Field(default=None, description="Class names (classification).")
+    units: list[str] | None = Field(default=None, description="Unit of each value (regression).")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Decision thresholds: per label for classification, 'anomaly' for anomaly.",
+    )
+    score: ReconstructionScore | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _SLUG.fullmatch(value):
+            raise ValueError("must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Head:
+        if not self.shape or self.shape[0] is not None or len(self.shape) not in (2, 3):
+            raise ValueError("shape must be [null, outputs] or [null, window, features]")
+        if any(d is None or d < 1 for d in self.shape[1:]):
+            raise ValueError("every dimension but the batch must be a positive integer")
+        if len(self.shape) == 3 and self.score is None:
+            raise ValueError("a [null, window, features] head is a reconstruction: needs a score")
+        if self.score is not None and self.task is not Task.ANOMALY:
+            raise ValueError("only an anomaly head has a reconstruction score")
+        width = self.shape[-1]
+        if self.labels is not None and len(self.labels) != width:
+            raise ValueError(f"{len(self.labels)} labels for {width} outputs")
+        if self.units is not None and len(self.units) != width:
+            raise ValueError(f"{len(self.units)} units for {width} outputs")
+        if self.task is Task.CLASSIFICATION and not self.labels:
+            raise ValueError("a classification head needs labels")
+        if self.task is Task.ANOMALY and self.score is None and "anomaly" not in self.thresholds:
+            raise ValueError("an anomaly head needs thresholds.anomaly or a score")
+        return self
+
+    @property
+    def size(self) -> int:
+        """Values per window in the model's output (the reconstruction's W * F)."""
+        size = 1
+        for d in self.shape[1:]:
+            size *= int(d or 1)
+        return size
+
+
 class Tolerance(_Strict):
     """The bounds a parity check enforced; null means not enforced."""
 
     max_abs_error: float | None = None
     min_agreement: float | None = None
+
+
+class HeadParity(_Strict):
+    """One head's share of a parity check (schema 2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
+
+    max_abs_error: float
+    top1_agreement: float | None = None
+    agreeing: int | None = Field(default=None, description="Windows whose top-1 class agreed.")
+    score_max_abs_error: float | None = Field(
+        default=None, description="Reconstruction heads: the anomaly scores' max difference."
+    )
+    verdict_agreement: float | None = Field(
+        default=None, description="Reconstruction heads: share of windows judged the same."
+    )
 
 
 class ParityReport(_Strict):
@@ -171,6 +263,9 @@ class ParityReport(_Strict):
     top1_agreement: float | None = None
     tolerance: Tolerance
     passed: bool
+    heads: dict[str, HeadParity] | None = Field(
+        default=None, description="Per head, when the model has several or scores on the gateway."
+    )
 
 
 class Artifact(_Strict):
@@ -186,6 +281,14 @@ class Artifact(_Strict):
         gt=0, description="Largest difference from golden expected outputs a gateway accepts."
     )
     parity: ParityReport | None = None
+    outputs: list[str] | None = Field(
+        default=None,
+        description="Schema 2: the artifact's output tensor names, in head order (null: its only "
+        "output).",
+    )
+    quantized_tensors: int | None = Field(
+        default=None, description="Weight tensors actually stored quantized (quantized artifacts)."
+    )
 
 
 class SourceInfo(_Strict):
@@ -195,6 +298,10 @@ class SourceInfo(_Strict):
     name: str
     sha256: Sha256
 
+
+
+def _model_shape(spec: InputSpec) -> list[int | None]:
+    return list(spec.shape[1:])
 
 
 class GoldenInfo(_Strict):
@@ -217,17 +324,21 @@ class Manifest(_Strict):
     converter_version: str
     source: SourceInfo
     input: InputSpec
-    output: OutputSpec
+    output: OutputSpec | None = Field(default=None, description="Schema 1 only: the one output.")
+    outputs: list[Head] | None = Field(
+        default=None, min_length=1, description="Schema 2: every head, in the model's order."
+    )
     artifacts: list[Artifact] = Field(min_length=1)
     golden: GoldenInfo
 
     @field_validator("schema_version")
     @classmethod
     def _known_schema(cls, value: int) -> int:
-        if value != SCHEMA_VERSION:
+        if value not in READABLE_SCHEMAS:
             raise ValueError(
                 f"schema version {value} is not supported by this Floorline "
-                f"(it reads version {SCHEMA_VERSION}); upgrade the gateway or re-convert"
+                f"(it reads versions {', '.join(map(str, READABLE_SCHEMAS))}); upgrade the "
+                "gateway or re-convert"
             )
         return value
 
@@ -250,15 +361,77 @@ class Manifest(_Strict):
         files = [a.file for a in self.artifacts] + [self.golden.file]
         if len(set(files)) != len(files):
             raise ValueError("artifact and golden file names must be unique")
+        if self.schema_version == 1:
+            self._check_v1()
+        else:
+            self._check_v2()
+        return self
+
+    def _check_v1(self) -> None:
+        if self.output is None or self.outputs is not None:
+            raise ValueError("a schema 1 manifest has 'output' and no 'outputs'")
+        if any(a.outputs is not None or a.quantized_tensors is not None for a in self.artifacts):
+            raise ValueError("artifacts of a schema 1 manifest have no 'outputs'")
         if self.task is Task.CLASSIFICATION and not self.output.labels:
             raise ValueError("a classification model needs output labels")
         if self.task is Task.ANOMALY and "anomaly" not in self.output.thresholds:
             raise ValueError("an anomaly model needs output.thresholds.anomaly")
-        return self
+
+    def _check_v2(self) -> None:
+        if self.outputs is None or self.output is not None:
+            raise ValueError("a schema 2 manifest has 'outputs' and no 'output'")
+        names = [h.name for h in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError("head names must be unique")
+        if self.task is not self.outputs[0].task:
+            raise ValueError("task must be the first head's task")
+        for head in self.outputs:
+            if head.score is not None and head.shape[1:] != _model_shape(self.input):
+                raise ValueError(
+                    f"head {head.name}: a reconstruction's shape {head.shape} must equal the "
+                    f"input's {self.input.shape}"
+                )
+        for art in self.artifacts:
+            # One head may leave it out (the artifact's only output); several must name theirs.
+            named = 1 if art.outputs is None and len(names) == 1 else len(art.outputs or [])
+            if named != len(names):
+                raise ValueError(f"{art.file}: 'outputs' must name one tensor per head")
+
+    @property
+    def heads(self) -> list[Head]:
+        """Every head, in the model's output order (a schema 1 manifest has one)."""
+        if self.outputs is not None:
+            return list(self.outputs)
+        assert self.output is not None  # noqa: S101 - _check_v1 guarantees it
+        # Validated already, by schema 1's rules (which a copy with a changed task may bend).
+        return [
+            Head.model_construct(
+                name=self.output.name,
+                task=self.task,
+                shape=self.output.shape,
+                labels=self.output.labels,
+                thresholds=self.output.thresholds,
+            )
+        ]
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON bytes: sorted keys, so the same manifest always signs the same."""
-        text = json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+        """Canonical JSON bytes: sorted keys, so the same manifest always signs the same.
+
+        A schema 1 manifest is written with schema 1's keys only, so re-writing one (a fleet
+        store copying it) keeps the bytes an older gateway understands.
+        """
+        if self.schema_version == 1:
+            exclude: dict[str, Any] = {
+                "outputs": True,
+                "artifacts": {"__all__": {"outputs", "quantized_tensors"}},
+            }
+            data = self.model_dump(mode="json", exclude=exclude)
+            for art in data["artifacts"]:
+                if art.get("parity") is not None:
+                    art["parity"].pop("heads", None)
+        else:
+            data = self.model_dump(mode="json", exclude={"output"})
+        text = json.dumps(data, indent=2, sort_keys=True)
         return (text + "\n").encode()
 
     @classmethod

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from floorline.edge.bundle.bundle import Bundle
+from floorline.edge.bundle.manifest import Head
+
+
+def _head_line(head: Head) -> str:
+    line = f"output     {head.name}: {head.task.value}, shape {head.shape}"
+    if head.labels:
+        line += f"; labels {head.labels}"
+    if head.units:
+        line += f"; units {head.units}"
+    if head.thresholds:
+        line += f"; thresholds {head.thresholds}"
+    if head.score is not None:
+        how = f" (p{head.score.percentile:g} of calibration)" if head.score.percentile else ""
+        line += f"; reconstruction {head.score.metric}, threshold {head.score.threshold:.4g}{how}"
+    return line
 
 
 def describe(bundle: Bundle) -> str:
     """A multi-line summary: identity, verification, input/output contract, artifacts."""
     m = bundle.manifest
-    inp, out = m.input, m.output
+    inp = m.input
     signed = f"signed by key {bundle.signed_by} (verified)" if bundle.signed_by else "not verified"
     if bundle.signed_by is None and (bundle.path / "manifest.sig").exists():
         signed = "signed, signature not checked (pass --trust KEY)"
@@ -28,9 +43,7 @@ def describe(bundle: Bundle) -> str:
             if inp.normalization
             else "none"
         ),
-        f"output     shape {out.shape}"
-        + (f"; labels {out.labels}" if out.labels else "")
-        + (f"; thresholds {out.thresholds}" if out.thresholds else ""),
+        *(_head_line(h) for h in m.heads),
         f"golden     {m.golden.samples} samples",
         "artifacts:",
     ]
@@ -41,6 +54,8 @@ def describe(bundle: Bundle) -> str:
             agree = "" if p.top1_agreement is None else f", top-1 {p.top1_agreement:.2%}"
             verdict = "passed" if p.passed else "FAILED"
             parity = f"parity {verdict}: max err {p.max_abs_error:.2e}{agree} on {p.samples}"
+        if a.quantized_tensors == 0 and a.quantization != "float32":
+            parity += "; no weight was quantized"
         opset = f" opset {a.opset}" if a.opset else ""
         lines.append(
             f"  {a.file:<22} {a.format}{opset} {a.quantization:<8} {a.size:>9,} B  "

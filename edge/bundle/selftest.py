@@ -8,6 +8,7 @@ and reports the distance to the source model alongside for information.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import numpy as np
 from floorline.edge import backends
 from floorline.edge.backends import Backend, BackendOptions
 from floorline.edge.bundle.bundle import Bundle
-from floorline.edge.bundle.manifest import Artifact, Task
+from floorline.edge.bundle.manifest import Artifact
 from floorline.edge.errors import BackendError, BundleError, RuntimeMissingError, SelfTestError
+from floorline.edge.stream.heads import HeadLayout
 
 AUTO_PREFER: tuple[str, ...] = tuple(backends.BACKENDS)  # plugin rank order
 """The backends ``backend: auto`` tries, in order (see ``auto_order``)."""
@@ -63,8 +65,10 @@ def run(backend: Backend, bundle: Bundle, artifact: Artifact) -> SelfTestReport:
     err = float(np.max(np.abs(got - expected)))
     err_source = float(np.max(np.abs(got - golden.source_outputs)))
     agreement = None
-    if bundle.manifest.task is Task.CLASSIFICATION:
-        agreement = float(np.mean(got.argmax(-1) == golden.source_outputs.argmax(-1)))
+    layout = HeadLayout(bundle.manifest)
+    ours, theirs = layout.first_classifier(got), layout.first_classifier(golden.source_outputs)
+    if ours is not None and theirs is not None:
+        agreement = float(np.mean(ours.argmax(-1) == theirs.argmax(-1)))
     return SelfTestReport(
         artifact=artifact.file,
         backend=backend.name,
@@ -166,6 +170,8 @@ def load(
             f"artifact {chosen.file} is {chosen.format}; backend {name} runs {info.format} "
             "artifacts"
         )
+    # The artifact names its heads' tensors (schema 2); the backend returns them in head order.
+    options = dataclasses.replace(options or BackendOptions(), outputs=tuple(chosen.outputs or ()))
     instance = backends.create(name, Path(bundle.artifact_path(chosen)), options)
     try:
         report = run(instance, bundle, chosen)

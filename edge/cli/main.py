@@ -120,6 +120,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_infer(args: argparse.Namespace) -> int:
     from floorline.edge.bundle import selftest  # noqa: PLC0415
     from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.stream.heads import HeadLayout  # noqa: PLC0415
     from floorline.edge.stream.normalization import normalize  # noqa: PLC0415
 
     bundle = _open(args)
@@ -137,10 +138,11 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         )
         try:
             x = raw if args.normalized else normalize(raw, bundle.manifest.input)
-            out = loaded.backend.infer(x)
+            out = HeadLayout(bundle.manifest).values(x, loaded.backend.infer(x))
         finally:
             loaded.backend.close()
-        labels = bundle.manifest.output.labels
+        heads = bundle.manifest.heads
+        labels = heads[0].labels if len(heads) == 1 else None
         for row in out:
             if labels:
                 print(f"{labels[int(row.argmax())]:<20} " + " ".join(f"{v:.4f}" for v in row))

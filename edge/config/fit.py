@@ -33,8 +33,22 @@ def check_fit(pipeline: PipelineConfig, manifest: Manifest) -> None:
             f"window.hop: {hop} is larger than the model's window of {size} samples "
             f"(1 to {size}); windows would skip samples"
         )
-    task = manifest.task.value
-    outputs = manifest.output.shape[-1]
+    heads = manifest.heads
+    if len(heads) > 1:
+        # Which head a label or threshold would belong to is ambiguous; the card sets them.
+        for key, value in (("labels", pipeline.labels), ("thresholds", pipeline.thresholds)):
+            if value is not None:
+                raise ConfigError(
+                    f"{key}: the model has {len(heads)} heads "
+                    f"({', '.join(h.name for h in heads)}); their {key} come from the bundle "
+                    "(set them in the model card when converting)"
+                )
+        return
+    head = heads[0]
+    task = head.task.value
+    outputs = head.shape[-1]
+    if head.score is not None and pipeline.labels is not None:
+        raise ConfigError("labels: the model is an autoencoder scored on the gateway; no labels")
     if pipeline.labels is not None:
         if task != "classification":
             raise ConfigError(
@@ -48,7 +62,7 @@ def check_fit(pipeline: PipelineConfig, manifest: Manifest) -> None:
     if pipeline.thresholds is None:
         return
     if task == "classification":
-        labels = pipeline.labels if pipeline.labels is not None else manifest.output.labels
+        labels = pipeline.labels if pipeline.labels is not None else head.labels
         if not labels:
             raise ConfigError("thresholds: the model has no labels for thresholds to name")
         known = list(labels)

@@ -41,6 +41,7 @@ from floorline.edge.messages import Inbound, Outbound
 from floorline.edge.outputs import OutputContext, make_output
 from floorline.edge.stream.batch import Batcher
 from floorline.edge.stream.encode import dead_letter
+from floorline.edge.stream.heads import HeadLayout
 from floorline.edge.stream.normalization import normalize
 from floorline.edge.stream.window import Window, Windower
 
@@ -99,6 +100,7 @@ class Pipeline:
         manifest = model.bundle.manifest
         self._spec = manifest.input
         self._flat_input = len(self._spec.shape) == 2
+        self._heads = HeadLayout(manifest)
         self._submit = submit
         self._observe = observe
         self._release = release
@@ -421,6 +423,8 @@ class Pipeline:
                 self._reject("inference_failed", f"window:{w.asset}", 0, str(exc))
             return
         inference_ms = (time.perf_counter() - start) * 1e3
+        # Autoencoder heads become scores here, against the inputs they reconstruct.
+        out = self._heads.values(x, out)
         self.counters["batches"] += 1
         self.counters["batched_windows"] += len(batch)
         now = time.monotonic()

@@ -9,11 +9,68 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from floorline.edge.bundle.manifest import Artifact, Manifest, Task
+from floorline.edge.bundle.manifest import Artifact, Head, Manifest, Task
+from floorline.edge.stream.heads import HeadLayout
 from floorline.edge.stream.window import Window
 
 _DETAIL_LIMIT = 200
 _TOPIC_LIMIT = 256
+
+
+class _HeadEncoder:
+    """The task-specific fields of one head, from its values in one row."""
+
+    def __init__(
+        self, head: Head, labels: list[str] | None, thresholds: dict[str, float],
+        features: list[str],
+    ) -> None:
+        self.task = head.task
+        self.labels = labels
+        self.thresholds = thresholds
+        self.units = head.units
+        self.score = head.score
+        self.features = features
+        self.limit = thresholds.get(
+            "anomaly", head.score.threshold if head.score is not None else float("inf")
+        )
+
+    def fields(self, values: list[float]) -> dict[str, Any]:
+        if self.task is Task.CLASSIFICATION and self.labels:
+            # The first maximum, or the first NaN, as np.argmax picks.
+            best = next((i for i, v in enumerate(values) if v != v), None)  # noqa: PLR0124
+            if best is None:
+                best = values.index(max(values))
+            scores = dict(zip(self.labels, values, strict=False))
+            out: dict[str, Any] = {
+                "label": self.labels[best],
+                "score": values[best],
+                "scores": scores,
+            }
+            if self.thresholds:
+                out["alerts"] = [
+                    label
+                    for label, limit in self.thresholds.items()
+                    if scores.get(label, float("-inf")) >= limit
+                ]
+            return out
+        if self.task is Task.ANOMALY:
+            score = values[0]
+            anomaly: dict[str, Any] = {
+                "score": score,
+                "threshold": self.limit,
+                "anomalous": score >= self.limit,
+            }
+            if self.score is not None:
+                # Which features the reconstruction missed most: where to look on the machine.
+                anomaly["metric"] = self.score.metric
+                anomaly["features"] = dict(zip(self.features, values[1:], strict=True))
+            return {"anomaly": anomaly}
+        out = {"value": values[0] if len(values) == 1 else values}
+        if self.units:
+            out["unit" if len(values) == 1 else "units"] = (
+                self.units[0] if len(values) == 1 else self.units
+            )
+        return out
 
 
 class PredictionEncoder:
@@ -22,6 +79,10 @@ class PredictionEncoder:
     Every prediction says where it came from (gateway, pipeline, asset), what made it (model name,
     version, artifact sha256), which data (window start/end, per-asset sequence number) and how
     fast (inference and end-to-end latency), so a consumer can audit and de-duplicate it.
+
+    A one-head model's fields sit at the top level of the message (``label``/``scores``,
+    ``anomaly`` or ``value``); a model with several heads puts each head's under ``heads.NAME``.
+    Rows are the values ``HeadLayout.values`` makes (an autoencoder head: score, then shares).
     """
 
     def __init__(
@@ -38,9 +99,24 @@ class PredictionEncoder:
         self._gateway = gateway
         self._pipeline = pipeline
         self._template = topic_template
-        self._task = manifest.task
-        self._labels = labels if labels is not None else manifest.output.labels
-        self._thresholds = thresholds if thresholds is not None else manifest.output.thresholds
+        heads = manifest.heads
+        features = [f.name for f in manifest.input.features]
+        # A pipeline's labels and thresholds override a one-head model's (check_fit refuses them
+        # for a model with several heads).
+        self._heads = [
+            (
+                head.name,
+                _HeadEncoder(
+                    head,
+                    labels if labels is not None and len(heads) == 1 else head.labels,
+                    thresholds if thresholds is not None and len(heads) == 1 else head.thresholds,
+                    features,
+                ),
+            )
+            for head in heads
+        ]
+        widths = HeadLayout(manifest).widths
+        self._bounds = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
         self._model = {
             "name": manifest.name,
             "version": manifest.version,
@@ -61,30 +137,15 @@ class PredictionEncoder:
         return topic
 
     def _outputs(self, values: list[float]) -> dict[str, Any]:
-        """The task-specific part of a prediction, from one output row."""
-        if self._task is Task.CLASSIFICATION and self._labels:
-            # The first maximum, or the first NaN, as np.argmax picks.
-            best = next((i for i, v in enumerate(values) if v != v), None)  # noqa: PLR0124
-            if best is None:
-                best = values.index(max(values))
-            scores = dict(zip(self._labels, values, strict=False))
-            out: dict[str, Any] = {
-                "label": self._labels[best],
-                "score": values[best],
-                "scores": scores,
+        """The task-specific part of a prediction, from one row of values."""
+        if len(self._heads) == 1:
+            return self._heads[0][1].fields(values)
+        return {
+            "heads": {
+                name: encoder.fields(values[start:stop])
+                for (name, encoder), (start, stop) in zip(self._heads, self._bounds, strict=True)
             }
-            if self._thresholds:
-                out["alerts"] = [
-                    label
-                    for label, limit in self._thresholds.items()
-                    if scores.get(label, float("-inf")) >= limit
-                ]
-            return out
-        if self._task is Task.ANOMALY:
-            score = values[0]
-            limit = self._thresholds.get("anomaly", float("inf"))
-            return {"anomaly": {"score": score, "threshold": limit, "anomalous": score >= limit}}
-        return {"value": values[0] if len(values) == 1 else values}
+        }
 
     def encode(
         self,
@@ -97,8 +158,8 @@ class PredictionEncoder:
     ) -> bytes:
         """A prediction message for one window."""
         now = time.monotonic() if now is None else now
-        return self._message(window, row.tolist(), round(inference_ms, 3), batch_size, now,
-                             time.time())
+        return self._message(window, row.reshape(-1).tolist(), round(inference_ms, 3),
+                             batch_size, now, time.time())
 
     def encode_batch(
         self, windows: list[Window], out: NDArray[np.float32], *, inference_ms: float, now: float
