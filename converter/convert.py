@@ -14,20 +14,29 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
 from floorline.converter import data
-from floorline.converter.card import ModelCard, build_specs
+from floorline.converter.card import ModelCard
 from floorline.converter.errors import CalibrationDataError, ConversionError, ParityError
 from floorline.converter.onnx_export import DEFAULT_OPSET, export_onnx
-from floorline.converter.parity import ParityPolicy, check_artifact, format_table, selftest_atol
-from floorline.converter.parity import tolerance_for as parity_tolerance
-from floorline.converter.source import SourceModel, load_source
+from floorline.converter.outputs import match_outputs
+from floorline.converter.parity import (
+    ParityPolicy,
+    check_artifact,
+    format_table,
+    head_tolerances,
+    selftest_atol,
+)
+from floorline.converter.progress import step
+from floorline.converter.specs import build_specs, finish_heads
 from floorline.converter.tflite_export import IntegerIO, export_tflite
 from floorline.edge import __version__
+from floorline.edge.backends.base import join_outputs
 from floorline.edge.bundle import selftest
 from floorline.edge.bundle.archive import pack
 from floorline.edge.bundle.bundle import (
@@ -48,6 +57,7 @@ from floorline.edge.bundle.manifest import (
     Manifest,
     ParityReport,
     Quantization,
+    SourceFormat,
     SourceInfo,
 )
 
@@ -73,6 +83,32 @@ TARGETS: dict[str, Target] = {
 """Target names accepted by --targets, in manifest order (float TFLite first: the default)."""
 
 _SYNTHETIC_PARITY_SAMPLES = 256
+PARITY_WINDOWS = 256
+"""Windows held out of the calibration data for parity when it has enough (see ``_split``)."""
+_FEW_WINDOWS = 100
+
+SourceKind = Literal["keras", "sklearn"]
+
+
+class Source(Protocol):
+    """A loaded source model: a Keras model (converter.source) or a scikit-learn one."""
+
+    path: Path
+    sha256: str
+    input_shape: tuple[int | None, ...]
+    output_shapes: list[tuple[int | None, ...]]
+    output_names: list[str]
+    normalization: tuple[list[float], list[float]] | None
+    notes: list[str]
+
+    @property
+    def format(self) -> str:
+        """The manifest's source format: keras, h5, savedmodel or sklearn."""
+        ...
+
+    def predict(self, x: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+        """The source model's outputs for model inputs X, one array per head."""
+        ...
 
 
 @dataclass
@@ -95,6 +131,9 @@ class ConvertRequest:
     golden_samples: int = 16
     max_parity_samples: int = 2000
     max_calibration_samples: int = 500
+    kind: SourceKind = "keras"
+    loaded: Any = None
+    """The source already loaded from ``source`` (the CLI loads a scikit-learn model early)."""
 
 
 @dataclass
@@ -107,24 +146,43 @@ class ConvertResult:
     selftests: list[selftest.SelfTestReport]
 
 
-def _check_targets(names: list[str]) -> list[str]:
+def check_targets(names: list[str], kind: SourceKind = "keras") -> list[str]:
+    """NAMES in manifest order, or ConversionError naming --targets."""
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise ConversionError(
-            f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)} or 'all'"
+            f"--targets: unknown target(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(TARGETS)} or 'all'"
         )
     if not names:
-        raise ConversionError("no targets to convert to")
+        raise ConversionError("--targets: no targets to convert to")
+    if kind == "sklearn" and names != ["onnx"]:
+        raise ConversionError(
+            "--targets: a scikit-learn model converts to onnx only (TFLite has no tree or "
+            "estimator ops); use --targets onnx"
+        )
     return [n for n in TARGETS if n in names]
 
 
 def _split(
-    inputs: NDArray[np.float32], rng: np.random.Generator
+    inputs: NDArray[np.float32], rng: np.random.Generator, say: Callable[[str], None]
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    # Calibration file only: hold out a fifth for parity, so int8 is not judged on its own data.
-    order = rng.permutation(len(inputs))
-    cut = max(1, len(inputs) // 5)
-    return inputs[order[cut:]], inputs[order[:cut]]
+    # Calibration file only: hold out PARITY_WINDOWS (or a fifth, if more) for parity, so int8
+    # is not judged on its own data, as long as as many remain to calibrate with. With less
+    # data, parity runs on all of it: weaker (int8 saw it), but 25 windows would make one
+    # disagreement a 4 % drop and the verdict a coin toss.
+    n = len(inputs)
+    order = rng.permutation(n)
+    cut = max(PARITY_WINDOWS, n // 5)
+    if n - cut >= PARITY_WINDOWS:
+        say(f"parity: no --parity-data; holding out {cut} of {n} calibration windows")
+        return inputs[order[cut:]], inputs[order[:cut]]
+    say(
+        f"parity: no --parity-data and only {n} calibration windows (fewer than "
+        f"{2 * PARITY_WINDOWS}); checking parity on all of them, which also calibrate int8: "
+        "pass --parity-data with held-out windows for an independent check"
+    )
+    return inputs, inputs
 
 
 def _prepare_data(
@@ -137,9 +195,8 @@ def _prepare_data(
     )
     if req.parity_data:
         parity = data.load_inputs(req.parity_data, spec, origin="parity data")
-    elif calibration is not None and len(calibration) >= 2:
-        calibration, parity = _split(calibration, rng)
-        say(f"parity: no --parity-data; holding out {len(parity)} calibration inputs")
+    elif calibration is not None:
+        calibration, parity = _split(calibration, rng, say)
     else:
         shape = (_SYNTHETIC_PARITY_SAMPLES, *(d for d in spec.shape[1:] if d is not None))
         parity = rng.standard_normal(shape).astype(np.float32)
@@ -153,67 +210,110 @@ def _prepare_data(
         calibration = calibration[rng.permutation(len(calibration))[: req.max_calibration_samples]]
     if len(parity) > req.max_parity_samples:
         parity = parity[rng.permutation(len(parity))[: req.max_parity_samples]]
+    if len(parity) < _FEW_WINDOWS:
+        say(
+            f"warning: parity on only {len(parity)} windows: one disagreement costs "
+            f"{100 / len(parity):.1f} % of agreement; {PARITY_WINDOWS} or more give a verdict "
+            "that does not depend on --seed"
+        )
     return calibration, parity
 
 
 def _export(
-    name: str,
     target: Target,
-    source: SourceModel,
+    source: Any,
     staging: Path,
     calibration: NDArray[np.float32] | None,
     req: ConvertRequest,
-) -> int | None:
+) -> tuple[int | None, int | None]:
+    """Write one artifact; return (ONNX opset, quantized weight tensors) as known."""
     path = staging / target.file
     if target.format == "onnx":
-        return export_onnx(source, path, opset=req.opset)
-    export_tflite(
-        source,
-        target.quantization,
-        path,
-        calibration=calibration,
-        integer_io=req.integer_io,
+        if req.kind == "sklearn":
+            return source.export_onnx(path, opset=req.opset), None
+        return export_onnx(source, path, opset=req.opset), None
+    info = export_tflite(
+        source, target.quantization, path, calibration=calibration, integer_io=req.integer_io
     )
-    del name
-    return None
+    return None, info.quantized_tensors
+
+
+def load(req: ConvertRequest) -> Any:
+    """The source model REQ names, loaded by the loader of its kind."""
+    if req.loaded is not None:
+        return req.loaded
+    if req.kind == "sklearn":
+        from floorline.converter.sklearn_source import load_sklearn  # noqa: PLC0415
+
+        return load_sklearn(req.source)
+    from floorline.converter.source import load_source  # noqa: PLC0415 - imports TensorFlow
+
+    return load_source(req.source)
 
 
 def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertResult:
     """Run a conversion; raise a ConversionError subclass (and write nothing) on any failure."""
-    targets = _check_targets(req.targets)
+    targets = check_targets(req.targets, req.kind)
     if req.out.exists() and not req.force:
-        raise ConversionError(f"{req.out} exists; use --force to replace it")
+        raise ConversionError(f"--out: {req.out} exists; use --force to replace it")
     rng = np.random.default_rng(req.seed)
-    source = load_source(req.source)
-    input_spec, output_spec = build_specs(req.card, source.input_shape, source.output_shape)
+    with step("loading the model", say):
+        source: Source = load(req)
+    for note in source.notes:
+        say(f"note: {note}")
+    input_spec, drafts = build_specs(
+        req.card, source.input_shape, source.output_shapes, source.output_names,
+        source.normalization,
+    )
     calibration, parity_inputs = _prepare_data(req, input_spec, rng, say)
-    source_outputs = source.predict(parity_inputs)
+    with step(f"source model on {len(parity_inputs)} parity windows", say):
+        source_parts = source.predict(parity_inputs)
+    needs_calibration_scores = any(d.metric and d.threshold is None for d in drafts)
+    heads = finish_heads(
+        drafts,
+        calibration,
+        source.predict(calibration)
+        if needs_calibration_scores and calibration is not None
+        else None,
+    )
+    for head in heads:
+        if head.score is not None and head.score.percentile is not None:
+            say(
+                f"{head.name}: anomaly threshold {head.score.threshold:.6g} = "
+                f"p{head.score.percentile:g} of {head.score.metric} on the calibration data"
+            )
+    source_outputs = join_outputs(source_parts)
     golden_idx = np.sort(
         rng.choice(len(parity_inputs), min(req.golden_samples, len(parity_inputs)), replace=False)
     )
-    golden = Golden(
-        inputs=parity_inputs[golden_idx],
-        source_outputs=source_outputs[golden_idx],
-    )
+    golden = Golden(inputs=parity_inputs[golden_idx], source_outputs=source_outputs[golden_idx])
 
     artifacts: list[Artifact] = []
     rows: list[tuple[str, str, ParityReport]] = []
     with staging_dir(req.out) as staging:
         for name in targets:
             target = TARGETS[name]
-            say(f"exporting {name} → {target.file}")
-            opset = _export(name, target, source, staging, calibration, req)
-            tolerance = parity_tolerance(
-                req.policy, target.quantization, req.card.task, source_outputs
+            with step(f"exporting {name} → {target.file}", say):
+                opset, quantized = _export(target, source, staging, calibration, req)
+            if quantized == 0 and target.quantization != "float32":
+                say(
+                    f"warning: {name}: no weight tensor was quantized (TFLite leaves tensors "
+                    "under 1024 values as float): this artifact is float32 in all but name"
+                )
+            outputs = match_outputs(
+                staging / target.file, target.format, heads, parity_inputs, source_parts
             )
-            report, backend = check_artifact(
-                staging / target.file,
-                target.format,
-                parity_inputs,
-                source_outputs,
-                req.card.task,
-                tolerance,
-            )
+            tolerances = head_tolerances(req.policy, target.quantization, heads, source_outputs)
+            with step(f"parity {name}", say):
+                report, backend = check_artifact(
+                    staging / target.file,
+                    target.format,
+                    parity_inputs,
+                    source_outputs,
+                    heads,
+                    tolerances,
+                    tuple(outputs or ()),
+                )
             try:
                 golden.expected[target.file] = backend.infer(golden.inputs)
                 atol = selftest_atol(target.quantization, backend)
@@ -229,6 +329,8 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
                     opset=opset,
                     selftest_atol=atol,
                     parity=report,
+                    outputs=outputs,
+                    quantized_tensors=quantized if target.quantization != "float32" else None,
                 )
             )
         table = format_table(rows)
@@ -238,17 +340,18 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
                 f"parity failed for {', '.join(failed)}; no bundle was written.\n{table}"
             )
         golden.save(staging / GOLDEN_FILE)
+        fmt: SourceFormat = source.format  # type: ignore[assignment]
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             name=req.card.name,
             version=req.card.version,
-            task=req.card.task,
+            task=heads[0].task,
             description=req.card.description,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             converter_version=__version__,
-            source=SourceInfo(format=source.format, name=req.source.name, sha256=source.sha256),
+            source=SourceInfo(format=fmt, name=req.source.name, sha256=source.sha256),
             input=input_spec,
-            output=output_spec,
+            outputs=heads,
             artifacts=artifacts,
             golden=GoldenInfo(
                 file=GOLDEN_FILE,
@@ -259,7 +362,8 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
         commit(staging, req.out, manifest, signing_key=req.signing_key, overwrite=req.force)
 
     try:
-        reports = _verify_as_gateway(req)
+        with step("gateway self-test of the bundle", say):
+            reports = _verify_as_gateway(req)
     except Exception:
         # The converter's own bundle failing the gateway's checks is a bug; never leave it behind.
         shutil.rmtree(req.out, ignore_errors=True)

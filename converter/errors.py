@@ -17,7 +17,16 @@ from floorline.edge.errors import FloorlineError
 
 
 class ConversionError(FloorlineError):
-    """A conversion could not produce a trustworthy bundle."""
+    """A conversion could not produce a trustworthy bundle.
+
+    The message is one line that names the card key or flag at fault and what to do next.
+    ``details`` holds what a tool said (compiler output, a traceback's tail): the CLI shows it
+    only with ``-v``.
+    """
+
+    def __init__(self, message: str, *, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class SourceModelError(ConversionError):
@@ -31,13 +40,14 @@ class ModelCardError(ConversionError):
 class UnsupportedOpError(ConversionError):
     """TFLite's built-in op set cannot express some of the model's ops."""
 
-    def __init__(self, ops: list[str], detail: str = "") -> None:
+    def __init__(self, ops: list[str], detail: str = "", *, details: str = "") -> None:
         self.ops = ops
         names = ", ".join(ops) if ops else "(not named by the converter)"
         super().__init__(
             f"TFLite cannot express these ops of the model: {names}. Gateways run built-in TFLite "
             "ops only (no TensorFlow 'Flex' kernels); replace them in the model, or convert to "
-            f"ONNX only (--targets onnx).{detail}"
+            f"ONNX only (--targets onnx).{detail}",
+            details=details,
         )
 
 

@@ -1,12 +1,14 @@
 """Loading the source model: a Keras v3 ``.keras`` file, a legacy ``.h5`` file, or a SavedModel.
 
-Every form becomes a single-input, single-output Keras model, so each exporter has one path. A
-SavedModel is wrapped in ``keras.layers.TFSMLayer`` around its serving signature.
+Every form becomes a single-input Keras model with one or more outputs ("heads"), prepared for
+export by :mod:`floorline.converter.keras_prep` (leading normalization folded out, recurrent
+layers unrolled, a free float32 batch), so each exporter has one path. A SavedModel is wrapped in
+``keras.layers.TFSMLayer`` around its serving signature.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from floorline.converter.errors import SourceModelError
+from floorline.converter.keras_prep import prepare
 from floorline.converter.native_output import captured
 from floorline.converter.tensorflow_import import import_tensorflow
 from floorline.edge.bundle.hashing import sha256_bytes, sha256_file
@@ -24,23 +27,32 @@ _PREDICT_BATCH = 256
 
 @dataclass
 class SourceModel:
-    """A loaded source model and what the manifest records about it."""
+    """A loaded, prepared source model and what the manifest records about it."""
 
     path: Path
     format: SourceFormat
     sha256: str
     model: Any
-    """A keras.Model with one input and one output."""
+    """A keras.Model with one float32 input and one or more outputs, after preparation."""
     input_shape: tuple[int | None, ...]
-    output_shape: tuple[int | None, ...]
+    """Batch first, None."""
+    output_shapes: list[tuple[int | None, ...]]
+    """One per output ("head"), in model output order: (batch, k) or (batch, window, features)."""
+    output_names: list[str]
+    """One per head: the Keras output layer's name."""
+    normalization: tuple[list[float], list[float]] | None = None
+    """(mean, std) folded out of the model: the gateway computes (x - mean) / std before it."""
+    notes: list[str] = field(default_factory=list)
+    """One-line notes for the user about what preparation changed."""
 
-    def predict(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        """The source model's outputs, computed in batches."""
-        parts = [
-            np.asarray(self.model(x[i : i + _PREDICT_BATCH], training=False), dtype=np.float32)
-            for i in range(0, len(x), _PREDICT_BATCH)
-        ]
-        return np.concatenate(parts)
+    def predict(self, x: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+        """The source model's outputs, one array per head, computed in batches."""
+        _, keras = import_tensorflow()
+        parts: list[list[NDArray[np.float32]]] = []
+        for i in range(0, max(len(x), 1), _PREDICT_BATCH):
+            out = keras.tree.flatten(self.model(x[i : i + _PREDICT_BATCH], training=False))
+            parts.append([np.asarray(o, dtype=np.float32) for o in out])
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 def _hash_tree(root: Path) -> str:
@@ -82,17 +94,39 @@ def load_source(path: Path) -> SourceModel:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SourceModelError(f"{path}: cannot load the model: {detail}") from exc
     del out
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise SourceModelError(
-            f"{path}: the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-            "a bundle needs exactly one of each"
-        )
+    signature_names = getattr(model, "_floorline_output_names", None)
+    prepared = prepare(model, keras, name=str(path))
+    model = prepared.model
     input_shape = _shape(model.inputs[0].shape)
-    output_shape = _shape(model.outputs[0].shape)
-    if input_shape[0] is not None:
-        raise SourceModelError(f"{path}: input shape {input_shape} has a fixed batch dimension")
+    output_shapes = [_shape(t.shape) for t in model.outputs]
+    names = list(signature_names or [_output_name(t, i) for i, t in enumerate(model.outputs)])
+    for name, shape in zip(names, output_shapes, strict=True):
+        if len(shape) not in (2, 3):
+            raise SourceModelError(
+                f"{path}: output {name!r} has shape {shape}; a head must be (batch, k) or "
+                "(batch, window, features): reshape it inside the model (e.g. "
+                "keras.layers.Reshape((1,)) for a scalar per window)"
+            )
     digest = _hash_tree(path) if path.is_dir() else sha256_file(path)
-    return SourceModel(path, fmt, digest, model, input_shape, output_shape)
+    return SourceModel(
+        path,
+        fmt,
+        digest,
+        model,
+        input_shape,
+        output_shapes,
+        names,
+        prepared.normalization,
+        prepared.notes,
+    )
+
+
+def _output_name(tensor: Any, index: int) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    layer = getattr(history, "operation", None) if history is not None else None
+    if layer is None and isinstance(history, tuple) and history:
+        layer = history[0]
+    return str(getattr(layer, "name", f"output_{index}"))
 
 
 def _load(path: Path, fmt: SourceFormat, tf: Any, keras: Any) -> Any:
@@ -109,11 +143,13 @@ def _load(path: Path, fmt: SourceFormat, tf: Any, keras: Any) -> Any:
     )
     if len(specs) != 1:
         raise SourceModelError(f"{path}: signature {endpoint!r} takes {len(specs)} inputs, not 1")
-    outputs = fn.structured_outputs
-    if isinstance(outputs, dict) and len(outputs) != 1:
-        raise SourceModelError(f"{path}: signature {endpoint!r} has {len(outputs)} outputs, not 1")
     inp = keras.Input(shape=tuple(specs[0].shape[1:]), dtype=specs[0].dtype.name)
     out = keras.layers.TFSMLayer(str(path), call_endpoint=endpoint)(inp)
+    keys: list[str] = []
     if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return keras.Model(inp, out)
+        keys = sorted(out)  # the order keras.tree.flatten (and so model.outputs) uses
+        out = [out[k] for k in keys] if len(keys) > 1 else out[keys[0]]
+    model = keras.Model(inp, out)
+    # The signature's output names name the heads (the Keras layer is one TFSMLayer).
+    model._floorline_output_names = keys or None  # noqa: SLF001
+    return model

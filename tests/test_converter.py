@@ -207,8 +207,9 @@ def test_parity_detects_a_corrupted_onnx_artifact(models, tmp_path):
     with Bundle.open(out) as bundle:
         x = bundle.golden.inputs
         source = bundle.golden.source_outputs
+        heads = bundle.manifest.heads
     report, backend = check_artifact(
-        corrupted, "onnx", x, source, Task.CLASSIFICATION, Tolerance(max_abs_error=1e-4)
+        corrupted, "onnx", x, source, heads, [Tolerance(max_abs_error=1e-4)]
     )
     backend.close()
     assert not report.passed
@@ -226,7 +227,7 @@ def test_failed_parity_fails_the_conversion_and_writes_nothing(models, tmp_path,
 
         clone = keras.models.clone_model(source.model)
         clone.set_weights([w * 1.3 + 0.05 for w in source.model.get_weights()])
-        real_export(dataclasses.replace(source, model=clone), quantization, out, **kwargs)
+        return real_export(dataclasses.replace(source, model=clone), quantization, out, **kwargs)
 
     monkeypatch.setattr(conv_mod, "export_tflite", export_then_corrupt)
     out = tmp_path / "never"
@@ -346,7 +347,7 @@ def test_card_that_does_not_fit_the_model_is_refused(models, tmp_path):
     with pytest.raises(ModelCardError, match="2 labels"):
         convert(conv_request(models, tmp_path / "o", card=card), say=lambda _m: None)
     card = conv_card(models, window=64)
-    with pytest.raises(ModelCardError, match="window 64"):
+    with pytest.raises(ModelCardError, match="card window: 64, but the model takes windows of"):
         convert(conv_request(models, tmp_path / "o", card=card), say=lambda _m: None)
 
 
@@ -398,7 +399,7 @@ def test_cli_converts_inspects_benches_and_refuses_overwrite(models, tmp_path, c
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model.")]
     assert len(rows) == 4  # two artifacts x two batch sizes
 
-    assert convert_main(argv) == 1
+    assert convert_main(argv) == 2  # a usage error, found before TensorFlow loads
     assert "exists" in capsys.readouterr().err
 
 
