@@ -120,7 +120,11 @@ def add_model_flags(conv: argparse.ArgumentParser) -> None:
     meta.add_argument("--features", type=_features, help="name:unit,name:unit,...")
     meta.add_argument("--labels", type=_csv, help="label,label,...")
     meta.add_argument("--units", type=_csv, help="unit of each regression output: h,...")
-    meta.add_argument("--norm-mean", type=_floats, help="per-feature mean, comma-separated")
+    meta.add_argument(
+        "--norm-mean",
+        type=_floats,
+        help="per-feature mean, comma-separated (--norm-mean=-0.5,1.2 when the first is negative)",
+    )
     meta.add_argument("--norm-std", type=_floats, help="per-feature std, comma-separated")
     meta.add_argument(
         "--threshold", type=_threshold, action="append", help="NAME=VALUE, repeatable"

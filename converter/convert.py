@@ -144,6 +144,10 @@ class ConvertResult:
     archive: Path | None
     parity_table: str
     selftests: list[selftest.SelfTestReport]
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Per target: export plus parity check, in seconds."""
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+    """Per target: its parity report."""
 
 
 def check_targets(names: list[str], kind: SourceKind = "keras") -> list[str]:
@@ -290,10 +294,11 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
 
     artifacts: list[Artifact] = []
     rows: list[tuple[str, str, ParityReport]] = []
+    seconds: dict[str, float] = {}
     with staging_dir(req.out) as staging:
         for name in targets:
             target = TARGETS[name]
-            with step(f"exporting {name} → {target.file}", say):
+            with step(f"exporting {name} → {target.file}", say) as export_timer:
                 opset, quantized = _export(target, source, staging, calibration, req)
             if quantized == 0 and target.quantization != "float32":
                 say(
@@ -304,7 +309,7 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
                 staging / target.file, target.format, heads, parity_inputs, source_parts
             )
             tolerances = head_tolerances(req.policy, target.quantization, heads, source_outputs)
-            with step(f"parity {name}", say):
+            with step(f"parity {name}", say) as parity_timer:
                 report, backend = check_artifact(
                     staging / target.file,
                     target.format,
@@ -320,6 +325,7 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
             finally:
                 backend.close()
             rows.append((target.file, target.quantization, report))
+            seconds[name] = export_timer.elapsed + parity_timer.elapsed
             artifacts.append(
                 describe_artifact(
                     staging,
@@ -369,7 +375,14 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
         shutil.rmtree(req.out, ignore_errors=True)
         raise
     archive = pack(req.out, req.out.with_name(req.out.name + ".tar")) if req.pack else None
-    return ConvertResult(bundle=req.out, archive=archive, parity_table=table, selftests=reports)
+    return ConvertResult(
+        bundle=req.out,
+        archive=archive,
+        parity_table=table,
+        selftests=reports,
+        seconds=seconds,
+        parity={name: rep for name, (_, _, rep) in zip(targets, rows, strict=True)},
+    )
 
 
 def _verify_as_gateway(req: ConvertRequest) -> list[selftest.SelfTestReport]:

@@ -20,15 +20,17 @@ from tests.daemon_harness import ROOT, asset_samples, config_text, publish_strea
 
 PUMP = ROOT / "tests" / "data" / "pump-heads"
 AUTOENCODER = ROOT / "tests" / "data" / "vib-autoencoder"
+LSTM = ROOT / "tests" / "data" / "vib-lstm"
 WINDOW = 32
 
 
-def _pipeline(name: str, prefix: str, bundle: object, backend: str) -> str:
+def _pipeline(name: str, prefix: str, bundle: object, backend: str, artifact: str = "") -> str:
+    chosen = f"\n    artifact: {artifact}" if artifact else ""
     return f"""
   - name: {name}
     subscribe: ["{prefix}/+/vibration"]
     bundle: "{bundle}"
-    backend: {backend}
+    backend: {backend}{chosen}
     decoder: {{type: json, timestamp: ts, sequence: seq}}
     asset: {{topic_segment: -2}}
     window: {{hop: {WINDOW}, max_gap_s: 0.05}}
@@ -40,10 +42,12 @@ def _windows(samples: np.ndarray) -> np.ndarray:
     return np.stack([samples[s : s + WINDOW] for s in range(0, len(samples) - WINDOW + 1, WINDOW)])
 
 
-def _direct(bundle_dir: object, backend: str, raw: np.ndarray) -> tuple[np.ndarray, Bundle]:
+def _direct(bundle_dir: object, backend: str, raw: np.ndarray,
+            artifact: str = "") -> tuple[np.ndarray, Bundle]:
     bundle = Bundle.open(bundle_dir)  # type: ignore[arg-type]
     art = next(a for a in bundle.manifest.artifacts
-               if a.format == ("tflite" if backend == "litert" else "onnx"))
+               if (a.file == artifact if artifact else
+                   a.format == ("tflite" if backend == "litert" else "onnx")))
     runner = create(backend, bundle.path / art.file,
                     BackendOptions(outputs=tuple(art.outputs or ())))
     try:
@@ -113,3 +117,33 @@ def test_autoencoder_predictions_are_reconstruction_scores_with_feature_shares(
     # Trained on healthy windows only: a loose machine reconstructs worse than a healthy one.
     assert np.mean([d["anomaly"]["score"] for d in bad_docs]) > np.mean(
         [d["anomaly"]["score"] for d in ok_docs])
+
+
+@pytest.mark.parametrize(("backend", "artifact"), [("litert", "model.int8.tflite"),
+                                                   ("litert", "model.tflite"),
+                                                   ("onnx", "model.onnx")])
+def test_recurrent_bundle_predicts_in_the_daemon_as_on_its_backend(
+    mosquitto, mqtt_client, unique_topic, backend, artifact
+):
+    # An LSTM, unrolled by the converter: the daemon batches its windows like any other model's.
+    streams = {f"m{i}": asset_samples(WINDOW * 5, 40 + i, cond)
+               for i, cond in enumerate([Condition.HEALTHY, Condition.IMBALANCE,
+                                         Condition.LOOSENESS])}
+    probe = mqtt_client(mosquitto)
+    probe.subscribe("floorline/gw-test/pred/#", qos=1)
+    cfg = config_text(mosquitto, _pipeline("lstm", unique_topic, LSTM, backend, artifact))
+    with running(cfg):
+        for asset, samples in streams.items():
+            publish_stream(probe, f"{unique_topic}/{asset}/vibration", samples, t0=5.0)
+        got = probe.wait_for(5 * len(streams), "floorline/gw-test/pred/lstm/+", timeout=20)
+    docs = [orjson.loads(m.payload) for m in got]
+    for asset, samples in streams.items():
+        direct, bundle = _direct(LSTM, backend, _windows(samples), artifact)
+        labels = bundle.manifest.heads[0].labels
+        assert labels is not None
+        mine = sorted((d for d in docs if d["asset"] == asset), key=lambda d: d["seq"])
+        assert [d["seq"] for d in mine] == list(range(5))
+        assert all(d["model"]["artifact"] == artifact for d in mine)
+        for doc, row in zip(mine, direct, strict=True):
+            assert doc["label"] == labels[int(row.argmax())]
+            assert [doc["scores"][lab] for lab in labels] == pytest.approx(row.tolist(), abs=1e-6)

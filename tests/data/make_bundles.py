@@ -1,6 +1,6 @@
 """Regenerate the small bundles committed under tests/data (needs the convert extra).
 
-    .venv/bin/python -m tests.data.make_bundles [temp-anomaly|pump-heads|vib-autoencoder ...]
+    .venv/bin/python -m tests.data.make_bundles [NAME ...]   # names: see MAKERS below
 
 With no name, all are rebuilt. temp-anomaly is a schema 1 bundle (made by floorline 0.1.0's
 converter): rebuilding it makes it schema 2, and the gateway's reading of schema 1 is then tested
@@ -151,10 +151,47 @@ def make_vib_autoencoder() -> int:
             "keras", str(work / "ae.keras"), "--out", str(HERE / "vib-autoencoder"), "--force",
             "--name", "vib-autoencoder", "--model-version", "0.1.0", "--task", "anomaly",
             "--features", FEATURES_ARG,
-            "--norm-mean", ",".join(map(str, mean.tolist())),
-            "--norm-std", ",".join(map(str, std.tolist())),
+            # "=": a first value "-0.1,…" would read as an option otherwise.
+            "--norm-mean=" + ",".join(map(str, mean.tolist())),
+            "--norm-std=" + ",".join(map(str, std.tolist())),
             "--score-metric", "mse", "--score-percentile", "99",
             "--targets", "tflite,onnx", "--calibration", str(work / "ae_calib.npy"),
+        ]
+    )
+
+
+def make_vib_lstm() -> int:
+    """vib-lstm: an LSTM classifier of 32-sample windows, float and int8 TFLite and ONNX."""
+    import keras  # noqa: PLC0415
+
+    from floorline.converter.cli import main as convert  # noqa: PLC0415
+    from floorline.edge.demo.signals import CONDITIONS  # noqa: PLC0415
+
+    keras.utils.set_random_seed(7)
+    x, y = vibration_windows(300, seed=14)
+    mean, std = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0)
+    inp = keras.Input((VIB_WINDOW, 3))
+    h = keras.layers.LSTM(12)(inp)
+    out = keras.layers.Dense(len(CONDITIONS), activation="softmax")(h)
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit((x - mean) / std, y, epochs=10, batch_size=64, verbose=0)
+    work = HERE / ".work"
+    work.mkdir(exist_ok=True)
+    model.save(work / "lstm.keras")
+    np.save(work / "lstm_calib.npy", x)
+    np.save(work / "lstm_parity.npy", vibration_windows(80, seed=15)[0])
+    return convert(
+        [
+            "keras", str(work / "lstm.keras"), "--out", str(HERE / "vib-lstm"), "--force",
+            "--name", "vib-lstm", "--model-version", "0.1.0", "--task", "classification",
+            "--features", FEATURES_ARG, "--labels", ",".join(c.value for c in CONDITIONS),
+            # "=": a first value "-0.1,…" would read as an option otherwise.
+            "--norm-mean=" + ",".join(map(str, mean.tolist())),
+            "--norm-std=" + ",".join(map(str, std.tolist())),
+            "--targets", "tflite,tflite-int8,onnx",
+            "--calibration", str(work / "lstm_calib.npy"),
+            "--parity-data", str(work / "lstm_parity.npy"),
         ]
     )
 
@@ -163,6 +200,7 @@ MAKERS = {
     "temp-anomaly": make_temp_anomaly,
     "pump-heads": make_pump_heads,
     "vib-autoencoder": make_vib_autoencoder,
+    "vib-lstm": make_vib_lstm,
 }
 
 
