@@ -231,7 +231,7 @@ class ScoreCard(_CardModel):
         default=None,
         description="Threshold = this percentile (0 < p < 100) of the calibration data's scores.",
     )
-    threshold: float | None = Field(default=None, description="Explicit threshold (>= 0).")
+    threshold: float | None = Field(default=None, description="Explicit threshold (> 0).")
 
     @model_validator(mode="after")
     def _one_threshold(self) -> ScoreCard:
@@ -255,11 +255,13 @@ class ScoreCard(_CardModel):
                 "write a percentile like 99 or 99.9",
                 "use --score-percentile 99",
             )
-        if self.threshold is not None and self.threshold < 0:
+        if self.threshold is not None and not self.threshold > 0:
+            # A reconstruction error is never negative: at 0 every window would be anomalous.
             raise _ProblemError(
                 "threshold",
-                f"{self.threshold} is negative; a reconstruction error never is",
-                "write a threshold >= 0",
+                f"{self.threshold} would flag every window; a reconstruction error is never "
+                "negative",
+                "write a threshold > 0",
             )
         return self
 
@@ -673,7 +675,22 @@ def load_card(
             from_flags.update(f"thresholds.{name}" for name in value)
         else:
             from_flags.add(key)
-    for key, value in (defaults or {}).items():
+    defaults = dict(defaults or {})
+    model_task = getattr(defaults.get("task"), "value", defaults.get("task"))
+    card_task = getattr(data.get("task"), "value", data.get("task"))
+    if model_task is not None and card_task is not None and card_task != model_task:
+        if "classification" in (card_task, model_task):
+            where = "--task" if "task" in from_flags else "card task"
+            raise ModelCardError(
+                f"{where}: {card_task}, but the model is a {model_task} model; leave task out "
+                "(the model says it)"
+            )
+        # The model's thresholds are for its own task, not the one the card gives it.
+        defaults.pop("thresholds", None)
+    if "score" in data:
+        # A score sets an autoencoder's threshold; the model's default one would be blamed.
+        defaults.pop("thresholds", None)
+    for key, value in defaults.items():
         if value is not None and key not in data and not (key != "task" and "outputs" in data):
             data[key] = value
     if "name" not in data:

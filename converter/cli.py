@@ -295,7 +295,11 @@ def target_names(spec: str, command: str = "keras") -> list[str]:
     # numpy and cryptography, no TensorFlow: importing convert is cheap.
     from floorline.converter.convert import TARGETS, check_targets  # noqa: PLC0415
 
-    names = list(TARGETS) if spec.strip() == "all" else _csv(spec)
+    if spec.strip() == "all":
+        # Every target this kind of model converts to (scikit-learn: ONNX only).
+        names = ["onnx"] if command == "sklearn" else list(TARGETS)
+    else:
+        names = _csv(spec)
     try:
         return check_targets(names, "sklearn" if command == "sklearn" else "keras")
     except ConversionError as exc:

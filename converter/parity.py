@@ -215,10 +215,14 @@ def head_tolerances(
 ) -> list[Tolerance]:
     """Each head's bound, from its own outputs' range (a RUL in hours and a probability differ)."""
     parts = HeadLayout(heads).split(source_outputs)
-    return [
-        tolerance_for(policy, quantization, head.task, part)
-        for head, part in zip(heads, parts, strict=True)
-    ]
+    bounds = []
+    for head, part in zip(heads, parts, strict=True):
+        bound = tolerance_for(policy, quantization, head.task, part)
+        if head.score is not None:
+            # What the gateway decides from a reconstruction must agree as classifications do.
+            bound = Tolerance(max_abs_error=bound.max_abs_error, min_agreement=policy.min_agreement)
+        bounds.append(bound)
+    return bounds
 
 
 def check_artifact(

@@ -104,7 +104,8 @@ def _plain_head(
 ) -> HeadDraft:
     if len(shape) != 2:
         raise ModelCardError(
-            f"card {key}: the model's output {name!r} has shape {shape}; a {task.value} head "
+            f"card {key}task: the model's output {name!r} has shape {shape}; "
+            f"a {task.value} head "
             "takes (batch, outputs) (an output shaped like the input is an autoencoder: use "
             "task: anomaly with a score: section)"
         )
@@ -141,6 +142,14 @@ def build_specs(
                 f"card outputs: {len(card.outputs)} heads named, but the model has "
                 f"{len(output_shapes)} outputs ({', '.join(output_names)}); describe each, in "
                 "the model's order"
+            )
+        named = [h.name for h in card.outputs]
+        if named != output_names and sorted(named) == sorted(output_names):
+            # Same names, other order: each head would read another head's tensor, and parity
+            # (source and artifact read the same way) could not tell.
+            raise ModelCardError(
+                f"card outputs: named {', '.join(named)}, but the model's outputs are "
+                f"{', '.join(output_names)} in that order; list them in the model's order"
             )
         heads = [
             _plain_head(
@@ -179,6 +188,11 @@ def _reconstruction_head(card: ModelCard, shape: Shape) -> HeadDraft:
     percentile = score.percentile if score is not None else None
     if threshold is None and percentile is None:
         threshold = card.thresholds.get("anomaly")
+        if threshold is not None and not threshold > 0:
+            raise ModelCardError(
+                f"card thresholds.anomaly: {threshold:g} would flag every window of an "
+                "autoencoder (a reconstruction error is never negative); give a threshold > 0"
+            )
     if threshold is None and percentile is None:
         raise ModelCardError(
             "card score: the model is an autoencoder (its output has the input's shape); give "
@@ -214,6 +228,14 @@ def finish_heads(
                     )
                 scores, _ = reconstruction_scores(calibration, reconstructions[i], d.metric)
                 threshold = float(np.percentile(scores.astype(np.float64), d.percentile))
+                if not threshold > 0 or not np.isfinite(threshold):
+                    # 0: the model reconstructs the calibration data exactly; NaN or inf: it
+                    # cannot. Either way the threshold would flag every window or none.
+                    raise CalibrationDataError(
+                        f"card score.percentile: p{d.percentile:g} of the calibration data's "
+                        f"{d.metric} is {threshold:g}; no usable threshold (give "
+                        "score.threshold, or check the model and the calibration data)"
+                    )
             score = ReconstructionScore(
                 metric=d.metric, threshold=threshold, percentile=d.percentile
             )

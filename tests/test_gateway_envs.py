@@ -92,3 +92,36 @@ def test_tflite_runtime_environment_refuses_onnx_with_the_extra_named():
     result = _floorline(python, "selftest", str(EXAMPLE), "--backend", "onnx")
     assert result.returncode == 1
     assert "floorline[onnx]" in result.stdout + result.stderr
+
+
+DATA = Path(__file__).resolve().parent / "data"
+SCHEMA_2 = ["pump-heads", "vib-autoencoder", "vib-lstm"]
+
+
+@pytest.mark.parametrize("bundle", SCHEMA_2)
+@pytest.mark.parametrize("backend", ["litert", "onnx"])
+def test_edge_environment_runs_schema_2_bundles(bundle, backend):
+    # Several heads, an autoencoder scored on the gateway, an unrolled LSTM (float and int8).
+    python = _python("FLOORLINE_EDGE_PYTHON")
+    result = _floorline(python, "selftest", str(DATA / bundle), "--backend", backend)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " ok " in result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_tflite_runtime_runs_schema_2_float_artifacts_and_refuses_what_it_cannot_reproduce():
+    python = _python("FLOORLINE_TFLITE_PYTHON")
+    for bundle in ("pump-heads", "vib-autoencoder"):
+        result = _floorline(python, "selftest", str(DATA / bundle), "--backend", "litert",
+                            "--interpreter", "tflite_runtime")
+        assert result.returncode == 0, result.stdout + result.stderr
+    # tflite-runtime 2.14's int8 kernels compute the unrolled LSTM differently from the LiteRT
+    # the converter checked it on (15 of 16 golden windows agree with the source model, against
+    # 16 of 16): the golden self-test refuses that artifact there instead of running it.
+    result = _floorline(python, "selftest", str(DATA / "vib-lstm"), "--backend", "litert",
+                        "--interpreter", "tflite_runtime")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any("model.tflite" in line and " ok " in line for line in lines), result.stdout
+    assert any("model.int8.tflite" in line and "FAIL" in line for line in lines), result.stdout
+    assert "does not reproduce the converted model" in result.stdout

@@ -163,7 +163,8 @@ class ReconstructionScore(_Strict):
     """
 
     metric: ScoreMetric
-    threshold: float = Field(ge=0, description="A window scoring at or above it is anomalous.")
+    # A reconstruction error is never negative: a threshold of 0 would flag every window.
+    threshold: float = Field(gt=0, description="A window scoring at or above it is anomalous.")
     percentile: float | None = Field(
         default=None,
         gt=0,
@@ -216,6 +217,17 @@ class Head(_Strict):
             raise ValueError("a classification head needs labels")
         if self.task is Task.ANOMALY and self.score is None and "anomaly" not in self.thresholds:
             raise ValueError("an anomaly head needs thresholds.anomaly or a score")
+        # A threshold the gateway never reads would silently never fire.
+        known = {
+            Task.CLASSIFICATION: self.labels or [],
+            Task.REGRESSION: [],
+            Task.ANOMALY: [] if self.score is not None else ["anomaly"],
+        }[self.task]
+        if unknown := sorted(set(self.thresholds) - set(known)):
+            raise ValueError(
+                f"thresholds {', '.join(unknown)} name nothing this {self.task.value} head "
+                f"outputs ({', '.join(known) or 'it takes no thresholds'})"
+            )
         return self
 
     @property
@@ -326,7 +338,10 @@ class Manifest(_Strict):
     input: InputSpec
     output: OutputSpec | None = Field(default=None, description="Schema 1 only: the one output.")
     outputs: list[Head] | None = Field(
-        default=None, min_length=1, description="Schema 2: every head, in the model's order."
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Schema 2: every head, in the model's order.",
     )
     artifacts: list[Artifact] = Field(min_length=1)
     golden: GoldenInfo
@@ -396,6 +411,8 @@ class Manifest(_Strict):
             named = 1 if art.outputs is None and len(names) == 1 else len(art.outputs or [])
             if named != len(names):
                 raise ValueError(f"{art.file}: 'outputs' must name one tensor per head")
+            if art.outputs is not None and len(set(art.outputs)) != len(art.outputs):
+                raise ValueError(f"{art.file}: 'outputs' names a tensor twice")
 
     @property
     def heads(self) -> list[Head]:

@@ -57,7 +57,10 @@ def run(backend: Backend, bundle: Bundle, artifact: Artifact) -> SelfTestReport:
     expected = golden.expected.get(artifact.file)
     if expected is None:
         raise BundleError(f"golden data has no expected outputs for {artifact.file}")
+    _check_input(backend, bundle, artifact)
+    _check_heads(backend, bundle, artifact)
     got = backend.infer(golden.inputs)
+    _check_width(got, bundle, artifact)
     if got.shape != expected.shape:
         raise SelfTestError(
             f"{artifact.file}: output shape {got.shape}, golden expects {expected.shape}"
@@ -81,6 +84,53 @@ def run(backend: Backend, bundle: Bundle, artifact: Artifact) -> SelfTestReport:
         # NaN compares false, so a model producing NaN fails here as it should.
         passed=bool(err <= artifact.selftest_atol),
     )
+
+
+def _check_input(backend: Backend, bundle: Bundle, artifact: Artifact) -> None:
+    # Golden inputs fit the model whatever the manifest says; the pipeline's windows are shaped
+    # by the manifest, and would fail every batch.
+    want = tuple(bundle.manifest.input.shape[1:])
+    have = tuple(backend.input_spec.shape[1:])
+    fits = len(have) == len(want) and all(
+        h is None or h == w for h, w in zip(have, want, strict=True)
+    )
+    if not fits:
+        raise BackendError(
+            f"{artifact.file}: the model takes inputs {('n', *have)}, but the manifest's input "
+            f"is {('n', *want)}"
+        )
+    if tuple(bundle.golden.inputs.shape[1:]) != want:
+        raise BundleError(
+            f"golden inputs are {bundle.golden.inputs.shape}, but the manifest's input is "
+            f"{('n', *want)}"
+        )
+
+
+def _check_heads(backend: Backend, bundle: Bundle, artifact: Artifact) -> None:
+    # The golden data is the converter's word only; the heads must fit what the model returns,
+    # or every window would fail (or be cut wrongly) in the pipeline.
+    # A plugin backend written before output_specs existed is checked by the row width alone.
+    specs = getattr(backend, "output_specs", ())
+    for head, spec in zip(bundle.manifest.heads, specs, strict=False):
+        dims = [d for d in spec.shape[1:] if d is not None]
+        if len(dims) == len(spec.shape) - 1:
+            size = int(np.prod(dims, dtype=np.int64))
+            if size != head.size:
+                raise BackendError(
+                    f"{artifact.file}: output tensor {spec.name} has {size} values per window "
+                    f"{tuple(dims)}, but head {head.name} has {head.size} {head.shape[1:]}"
+                )
+
+
+def _check_width(got: np.ndarray, bundle: Bundle, artifact: Artifact) -> None:
+    heads = bundle.manifest.heads
+    width = int(np.prod(got.shape[1:], dtype=np.int64)) if got.ndim > 1 else 1
+    total = sum(h.size for h in heads)
+    if width != total:
+        raise SelfTestError(
+            f"{artifact.file}: the model returns {width} values per window, but the manifest's "
+            f"heads ({', '.join(f'{h.name}: {h.size}' for h in heads)}) add up to {total}"
+        )
 
 
 @dataclass

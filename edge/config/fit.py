@@ -70,7 +70,12 @@ def check_fit(pipeline: PipelineConfig, manifest: Manifest) -> None:
         known = ["anomaly"]
     else:
         raise ConfigError(f"thresholds: a {task} model has no thresholds; they would be ignored")
-    for name in pipeline.thresholds:
+    for name, limit in pipeline.thresholds.items():
+        if head.score is not None and name == "anomaly" and not limit > 0:
+            raise ConfigError(
+                f"thresholds: anomaly {limit} would flag every window; a reconstruction error "
+                "is never negative (give a threshold > 0)"
+            )
         if name not in known:
             near = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""

@@ -58,7 +58,9 @@ class _HeadEncoder:
             anomaly: dict[str, Any] = {
                 "score": score,
                 "threshold": self.limit,
-                "anomalous": score >= self.limit,
+                # A score that is not a number (written as null) is no evidence of normal:
+                # a reconstruction that failed is flagged, as an infinite one is.
+                "anomalous": not score < self.limit,
             }
             if self.score is not None:
                 # Which features the reconstruction missed most: where to look on the machine.
