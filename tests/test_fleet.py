@@ -236,6 +236,13 @@ def test_bad_desired_documents_are_rejected_and_reported(fleet, tmp_path, mqtt_c
         env = seal(key=key, version=40, target={"gateway": GW}, config=config, bundles=[])
         n = 2
     probe.publish(f"floorline/{GW}/desired", env, qos=1, retain=True)
+    if problem == "replayed":
+        # Not newer than the highest seen: ignored quietly, not recorded (issue 14; the
+        # retained copy of a rolled-back push must not read as a replay).
+        time.sleep(1.5)
+        assert len(history(svc)) == 1
+        assert model_versions(svc) == ["1.1.0"]
+        return
     result = wait_result(svc, n)
     assert result["result"] == "rejected"
     assert expect in result["reason"], result
@@ -317,3 +324,22 @@ def test_sighup_reload_applies_the_edited_file_and_refuses_a_broken_one(fleet):
     fleet.base.write_text(text.replace("max_batch: 8", "max_batch: many"))
     assert not svc.reload()
     assert svc.daemon.pipelines[0].config.batch.max_batch == 4
+
+
+def test_a_push_with_a_shadow_model_ships_both_bundles_and_runs_the_shadow(fleet, tmp_path):
+    # The candidate travels like the primary: packed, retained on its bundle topic, fetched into
+    # the gateway's store, verified (signed), and run in shadow on the same windows.
+    svc = fleet.start()
+    primary = bundle_variant(tmp_path / "v2", "1.1.0", fleet.key)
+    candidate = bundle_variant(tmp_path / "v3", "1.2.0", fleet.key)
+    config = fleet.desired_file(primary, shadow=f"{{bundle: {candidate}}}")
+    version = push(target={"gateway": GW}, config_file=config, bundles=[primary, candidate],
+                   key_file=fleet.key, broker=fleet.broker, out=io.StringIO())
+    result = wait_result(svc, 1)
+    assert (result["version"], result["result"]) == (version, "applied"), result
+    (pipeline,) = svc.daemon.pipelines
+    assert str(pipeline.config.bundle).startswith("sha256:")
+    assert pipeline.config.shadow is not None
+    assert str(pipeline.config.shadow.bundle).startswith("sha256:")
+    assert pipeline.shadow is not None
+    assert pipeline.shadow.model.bundle.manifest.version == "1.2.0"

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,3 +213,70 @@ def test_nothing_suppressed_means_no_summary() -> None:
         clock.now += 2.0
     f.flush()
     assert summaries == []
+
+
+# -- issue 14, finding 6: fleet outcomes must not vanish, summaries must come out ----------------
+
+
+def test_fleet_outcomes_are_limited_per_event_not_per_template(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    clock, out = Clock(), io.StringIO()
+    setup_logging("INFO", stream=out, burst=5, window_s=60.0, clock=clock)
+    fleet = logging.getLogger("floorline.edge.fleet.agent")
+    for version in range(1, 6):
+        fleet.info("fleet: version %s %s: %s", version, "applied", "passed probation")
+    fleet.warning("fleet: version %s %s: %s", 6, "rejected", "untrusted key")
+    fleet.warning("fleet: version %s %s: %s", 7, "rolled_back", "dead letters in probation")
+    for _ in range(8):  # the same event again and again is still a flood
+        fleet.warning("fleet: version %s %s: %s", 8, "rejected", "replay")
+    lines = [human(x)[2] for x in out.getvalue().splitlines()]
+    assert "fleet: version 6 rejected: untrusted key" in lines
+    assert "fleet: version 7 rolled_back: dead letters in probation" in lines
+    assert lines.count("fleet: version 8 rejected: replay") == 5
+    assert len(lines) == 5 + 2 + 5
+
+
+def test_a_record_marked_distinct_is_limited_per_event() -> None:
+    clock = Clock()
+    f = RateLimitFilter(burst=1, window_s=10.0, clock=clock)
+
+    def passes(arg: str, **extra: object) -> bool:
+        rec = logging.LogRecord("edge.other", logging.WARNING, __file__, 1, "x %s", (arg,), None)
+        rec.__dict__.update(extra)
+        return f.filter(rec)
+
+    assert [passes("a"), passes("b")] == [True, False]  # one template: one budget
+    assert [passes("c", floorline_distinct=True), passes("d", floorline_distinct=True),
+            passes("d", floorline_distinct=True)] == [True, True, False]
+
+
+def test_a_summary_comes_on_a_timer_when_nothing_else_is_logged() -> None:
+    summaries: list[logging.LogRecord] = []
+    f = RateLimitFilter(burst=1, window_s=0.2, sink=summaries.append)
+    rec = logging.LogRecord("edge.t", logging.WARNING, __file__, 1, "flood", None, None)
+    assert [f.filter(rec) for _ in range(3)] == [True, False, False]
+    deadline = time.monotonic() + 5.0
+    while not summaries and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [s.getMessage() for s in summaries] == [
+        "message repeated 2 more times in 0 s (first 1 shown); last: flood"
+    ]
+    f.close()
+
+
+def test_pending_summaries_are_written_when_the_handler_closes_at_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    clock, out = Clock(), io.StringIO()
+    handler = setup_logging("INFO", stream=out, burst=1, window_s=600.0, clock=clock)
+    log = logging.getLogger("edge.test_shutdown")
+    for _ in range(4):
+        log.warning("broker refused us")
+    handler.close()  # what logging.shutdown() does at exit
+    assert [human(x)[2] for x in out.getvalue().splitlines()] == [
+        "broker refused us",
+        "message repeated 3 more times in 600 s (first 1 shown); last: broker refused us",
+    ]

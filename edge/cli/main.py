@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from floorline.edge.backends import BackendOptions
 from floorline.edge.errors import FloorlineError
 
 if TYPE_CHECKING:
-    from floorline.edge.config.model import Config
+    from floorline.edge.config.model import BrokerConfig, Config
 
 
 def _open(args: argparse.Namespace) -> object:
@@ -157,26 +157,150 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(args.config, verbose=args.verbose)
 
 
-def _cmd_fleet(args: argparse.Namespace) -> int:
-    from floorline.edge.bundle.signing import generate_keypair, key_id, load_public_key  # noqa: PLC0415
-    from floorline.edge.fleet import operator as fleet_cli  # noqa: PLC0415
+def _fleet_broker(args: argparse.Namespace) -> BrokerConfig:
+    from floorline.edge.fleet import common  # noqa: PLC0415
 
-    if args.fleet_command == "keygen":
-        private, public = generate_keypair(args.prefix)
+    password_env = args.password_env
+    if args.password is not None:
+        print("floorline: warning: --password is visible in the process list and the shell "
+              "history; prefer --password-file or --password-env", file=sys.stderr)
+        if password_env or args.password_file:
+            raise common.UsageError("give one of --password, --password-file, --password-env")
+        password_env = common.password_from_command_line(args.password)
+    return common.broker_config(
+        args.broker, args.protocol, tls=args.tls, ca=args.ca, cert=args.cert,
+        cert_key=args.cert_key, insecure=args.tls_insecure, username=args.username,
+        password_file=args.password_file, password_env=password_env)
+
+
+def _fleet_target(args: argparse.Namespace) -> dict[str, object]:
+    from floorline.edge.fleet import common  # noqa: PLC0415
+
+    if args.gateway:
+        return {"gateways": [common.check_level(g, "--gateway") for g in args.gateway]}
+    if args.group:
+        return {"group": common.check_level(args.group, "--group")}
+    return {"selector": common.parse_pairs(args.selector, "--selector")}
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from floorline.edge.fleet import common  # noqa: PLC0415
+
+    try:
+        return _fleet(args)
+    except common.UsageError as exc:
+        print(f"floorline: error: {exc}", file=sys.stderr)
+        return common.EXIT_USAGE
+    except common.BrokerUnreachableError as exc:
+        print(f"floorline: error: {exc}", file=sys.stderr)
+        return common.EXIT_BROKER
+
+
+def _fleet(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch a command
+    from floorline.edge.fleet import push as fleet_push  # noqa: PLC0415
+    from floorline.edge.fleet import rollout, status  # noqa: PLC0415
+
+    command = args.fleet_command
+    if command == "keygen":
+        private, public = fleet_push.keygen(args.prefix)
         print(f"wrote {private} (keep secret) and {public} "
-              f"(key id {key_id(load_public_key(public))}); add {public.name} to the gateways' "
+              f"(key id {fleet_push.describe_key(public)}); add {public.name} to the gateways' "
               "fleet.operator_keys (and trust.trusted_keys to accept bundles you sign)")
         return 0
-    broker = fleet_cli.broker_config(args.broker, args.protocol)
-    if args.fleet_command == "push":
-        target = {"gateway": args.gateway} if args.gateway else {"group": args.group}
-        fleet_cli.push(target=target, config_file=args.config, bundles=args.bundle or [],
-                       key_file=args.key, broker=broker, version=args.version,
-                       ttl_hours=args.ttl_hours, sign_bundles=args.sign_bundles,
-                       verify=not args.skip_verify)
+    broker = _fleet_broker(args)
+    if command == "push":
+        fleet_push.check_ttl(args.ttl_hours)
+        target = _fleet_target(args)
+        targets = ([{"gateway": g} for g in target["gateways"]]  # type: ignore[attr-defined]
+                   if "gateways" in target else [target])
+        version = fleet_push.push(
+            targets=targets, config_file=args.config, bundles=args.bundle or [],
+            key_file=args.key, broker=broker, version=args.version, ttl_hours=args.ttl_hours,
+            sign_bundles=args.sign_bundles, verify=not args.skip_verify,
+            deployment=args.deployment or "")
+        if not args.wait:
+            print(f"not waiting for verdicts: floorline fleet status --missing {version} "
+                  "lists the gateways that have not applied it yet (or push --wait)")
+            return 0
+        return fleet_push.wait_verdicts(
+            broker=broker, version=version,
+            gateways=target.get("gateways"),  # type: ignore[arg-type]
+            group=target.get("group"),  # type: ignore[arg-type]
+            selector=target.get("selector"),  # type: ignore[arg-type]
+            timeout_s=args.wait_timeout_s)
+    if command == "status":
+        filters = status.Filters(
+            gateway=args.gateway, version=args.version, missing=args.missing,
+            result=args.result, deployment=args.deployment,
+            attrs={k: v for a in args.attr or []
+                   for k, v in common_pairs(a, "--attr").items()})
+        return status.fleet_status(broker=broker, filters=filters, as_json=args.json,
+                                   wait_s=args.wait, stale_s=args.stale_s).exit_code
+    if command == "gc":
+        fleet_push.gc(broker=broker, dry_run=args.dry_run)
         return 0
-    rows = fleet_cli.status(broker=broker, gateway=args.gateway, wait_s=args.wait)
-    return 0 if rows else 1
+    if command == "clear":
+        from floorline.edge.fleet.common import check_level, check_name  # noqa: PLC0415
+
+        if args.gateway:
+            topics = [f"floorline/{check_level(g, '--gateway')}/desired" for g in args.gateway]
+        elif args.group:
+            topics = [f"floorline/groups/{check_level(args.group, '--group')}/desired"]
+        elif args.selector:
+            topics = [f"floorline/selectors/{check_name(args.selector, '--selector')}/desired"]
+        else:
+            topics = [rollout.ROLLOUT_TOPIC.format(name=check_name(args.rollout, "--rollout"))]
+        return fleet_push.clear(broker=broker, topics=topics)
+    return _fleet_rollout(args, broker)
+
+
+def common_pairs(text: str, what: str) -> dict[str, str]:
+    """``key=value,...`` for --attr (a thin wrapper: the parser lives in fleet.common)."""
+    from floorline.edge.fleet.common import parse_pairs  # noqa: PLC0415
+
+    return parse_pairs(text, what)
+
+
+def _fleet_rollout(args: argparse.Namespace, broker: BrokerConfig) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from floorline.edge.fleet import rollout  # noqa: PLC0415
+
+    command = args.rollout_command
+    if command == "status":
+        return rollout.show(broker=broker, name=args.name, as_json=args.json)
+    if command == "stop":
+        return rollout.stop(name=args.name, broker=broker)
+    interrupt = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        del signum, frame
+        if interrupt.is_set():
+            raise KeyboardInterrupt
+        interrupt.set()
+        print("stopping after the current wave's verdicts (Ctrl-C again to leave now; "
+              "the rollout can be resumed)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        if command == "resume":
+            return rollout.resume(name=args.name, key_file=args.key, broker=broker,
+                                  force=args.force, interrupt=interrupt)
+        fleet_target = _fleet_target(args)
+        return rollout.start(
+            name=args.name, config_file=args.config, bundles=args.bundle or [],
+            key_file=args.key, broker=broker, target=fleet_target, waves=args.waves,
+            max_failures=args.max_failures, rollback_wave=args.rollback_wave,
+            wave_timeout_s=args.wave_timeout_s, ttl_hours=args.ttl_hours,
+            sign_bundles=args.sign_bundles, verify=not args.skip_verify,
+            skip_offline=args.skip_offline, interrupt=interrupt)
+    except KeyboardInterrupt:
+        print(f"left rollout {args.name} during a wave: it shows as running or stopping; "
+              f"floorline fleet rollout resume {args.name} --force continues it", file=sys.stderr)
+        return 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
@@ -235,25 +359,38 @@ def _check_pipeline(config: Config, index: int) -> str:
     output. So whatever `run` would refuse at start, this refuses too.
     """
     from floorline.edge.config.fit import check_fit  # noqa: PLC0415
-    from floorline.edge.daemon.models import load_model  # noqa: PLC0415
+    from floorline.edge.daemon.models import close_model, load_model, load_shadow  # noqa: PLC0415
     from floorline.edge.daemon.pipeline import Pipeline  # noqa: PLC0415
 
     pc = config.pipelines[index]
     loaded = load_model(config, pc)
+    shadow = None
     try:
         check_fit(pc, loaded.bundle.manifest)
+        shadow = load_shadow(config, pc)
         pipeline = Pipeline(pc, gateway=config.gateway.id, topics=config.topics,
-                            limits=config.limits, model=loaded, submit=lambda _messages: None)
+                            limits=config.limits, model=loaded, submit=lambda _messages: None,
+                            shadow=shadow)
         pipeline.output.close()
         m, rep = loaded.bundle.manifest, loaded.selftest
         signed = f"signed by {loaded.bundle.signed_by}" if loaded.bundle.signed_by else "unsigned"
+        extra = ""
+        if pipeline.shadow is not None and shadow is not None:
+            s, compared = shadow.bundle.manifest, pipeline.shadow.stats
+            extra = (f"; shadow {s.name} {s.version} ({shadow.artifact.file}) on "
+                     f"{shadow.selftest.runtime}, heads compared: "
+                     f"{', '.join(p.name for p in compared.pairs) or 'none'}")
+            if compared.incomparable:
+                extra += ", incomparable: " + ", ".join(
+                    f"{h['head']} ({h['side']})" for h in compared.incomparable)
         return (
             f"{m.name} {m.version} ({loaded.artifact.file}, {signed}) on {rep.runtime}; self-test "
             f"max err {rep.max_abs_error:.2e} (allowed {rep.atol:.0e}); window {m.input.window} x "
             f"{len(m.input.features)} features, hop {pc.window.hop or m.input.window}, batch "
-            f"{pc.batch.max_batch}/{pc.batch.max_wait_ms:g} ms"
+            f"{pc.batch.max_batch}/{pc.batch.max_wait_ms:g} ms{extra}"
         )
     finally:
+        close_model(shadow)
         loaded.backend.close()
         loaded.bundle.close()
 
@@ -419,6 +556,135 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1)
 
 
+def _fleet_broker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker (as in the gateway's broker section)")
+    g.add_argument("--broker", default="localhost:1883", help="HOST:PORT (localhost:1883)")
+    g.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
+    g.add_argument("--tls", action="store_true", help="TLS with the system CAs")
+    g.add_argument("--ca", type=Path, help="CA file for the broker's certificate (implies TLS)")
+    g.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    g.add_argument("--cert-key", type=Path, help="the client certificate's private key")
+    g.add_argument("--tls-insecure", action="store_true",
+                   help="skip the broker's host name check (lab brokers only)")
+    g.add_argument("--username", help="broker user name")
+    g.add_argument("--password-file", type=Path, help="file holding the broker password")
+    g.add_argument("--password-env", metavar="VAR",
+                   help="environment variable holding the broker password")
+    g.add_argument("--password", help="the broker password (warns: visible to other users; "
+                   "prefer --password-file)")
+
+
+def _fleet_content_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True,
+                   help="YAML with the pipelines (and limits/logging) to run")
+    p.add_argument("--bundle", type=Path, action="append",
+                   help="bundle directory the config names (repeat)")
+    p.add_argument("--key", type=Path, required=True, help="operator private key")
+    p.add_argument("--ttl-hours", type=float, default=168.0,
+                   help="the documents expire after this (default 168; must be > 0)")
+    p.add_argument("--sign-bundles", action="store_true",
+                   help="sign the pushed bundles with --key too")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="push bundles without checking them first (drills: let the gateway do "
+                   "the refusing)")
+
+
+def _fleet_target_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    who = p.add_mutually_exclusive_group(required=required)
+    who.add_argument("--gateway", action="append", metavar="ID",
+                     help="a gateway id (repeat: one document per gateway)")
+    who.add_argument("--group", help="every gateway with NAME in its fleet.groups")
+    who.add_argument("--selector", metavar="KEY=VALUE,...",
+                     help="every gateway whose reported attributes match all pairs")
+
+
+def _fleet_parsers(sub: Any) -> None:
+    fleet = sub.add_parser(
+        "fleet", help="operator commands: keygen, push, status, rollout, gc, clear",
+        description="Exit codes: 0 all healthy / at target, 1 some gateway rejected or rolled "
+        "back (or a local check failed), 2 usage, 3 some gateway offline, not reporting or "
+        "without a verdict in time, 4 broker unreachable.")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    fk = fsub.add_parser("keygen", help="create an operator signing key pair")
+    fk.add_argument("prefix", type=Path, help="writes PREFIX.key and PREFIX.pub")
+
+    fp = fsub.add_parser("push", help="publish a signed desired state")
+    _fleet_target_args(fp)
+    _fleet_content_args(fp)
+    fp.add_argument("--deployment", metavar="NAME",
+                    help="name of this push (reported by the gateways; a selector document's "
+                    "topic name)")
+    fp.add_argument("--version", type=int, help="default: now in milliseconds")
+    fp.add_argument("--wait", action="store_true",
+                    help="wait for the targeted gateways' verdicts; exit 1 on any rejection or "
+                    "rollback, 3 when some gave none in time")
+    fp.add_argument("--wait-timeout-s", type=float, default=600.0,
+                    help="how long --wait waits (default 600)")
+    _fleet_broker_args(fp)
+
+    fs = fsub.add_parser("status", help="every gateway's state, version and last verdict")
+    fs.add_argument("--gateway", help="only this gateway")
+    fs.add_argument("--json", action="store_true", help="one JSON document")
+    fs.add_argument("--version", type=int, help="only gateways running this version")
+    fs.add_argument("--missing", type=int, metavar="V",
+                    help="only gateways that have not reached version V (offline ones too)")
+    fs.add_argument("--result", choices=("applied", "rejected", "rolled_back", "local_reload"),
+                    help="only gateways whose last verdict is this")
+    fs.add_argument("--attr", action="append", metavar="KEY=VALUE",
+                    help="only gateways with this reported attribute (repeat)")
+    fs.add_argument("--deployment", help="only gateways running this deployment")
+    fs.add_argument("--wait", type=float, default=10.0,
+                    help="seconds to wait at most for the retained documents (default 10)")
+    fs.add_argument("--stale-s", type=float, default=120.0,
+                    help="a gateway whose report is older counts as not reporting (120)")
+    _fleet_broker_args(fs)
+
+    ro = fsub.add_parser("rollout", help="staged rollouts: start, status, stop, resume")
+    rsub = ro.add_subparsers(dest="rollout_command", required=True)
+    rs = rsub.add_parser("start", help="run a deployment in waves")
+    rs.add_argument("name", help="the rollout (and deployment) name")
+    _fleet_content_args(rs)
+    _fleet_target_args(rs)
+    rs.add_argument("--waves", action="append", required=True, metavar="SPEC",
+                    help="NAME:gw1,gw2 | [NAME:]COUNT | [NAME:]PERCENT%% (cumulative), in order; "
+                    "repeat, e.g. --waves canary:gw1,gw2 --waves 25%% --waves 100%%")
+    rs.add_argument("--max-failures", default="0",
+                    help="failures a wave may have (a count, or a percentage of the wave); more "
+                    "stop the rollout (default 0)")
+    rs.add_argument("--rollback-wave", action="store_true",
+                    help="when a wave fails, send its gateways that applied the new version "
+                    "their previous configuration")
+    rs.add_argument("--wave-timeout-s", type=float, default=600.0,
+                    help="a gateway without a verdict by then counts as failed (600)")
+    rs.add_argument("--skip-offline", action="store_true",
+                    help="leave out gateways that are offline at the start")
+    _fleet_broker_args(rs)
+    rst = rsub.add_parser("status", help="a rollout's progress (all rollouts without NAME)")
+    rst.add_argument("name", nargs="?")
+    rst.add_argument("--json", action="store_true")
+    _fleet_broker_args(rst)
+    rp = rsub.add_parser("stop", help="halt a running rollout after its current wave")
+    rp.add_argument("name")
+    _fleet_broker_args(rp)
+    rr = rsub.add_parser("resume", help="continue a stopped rollout")
+    rr.add_argument("name")
+    rr.add_argument("--key", type=Path, required=True, help="operator private key")
+    rr.add_argument("--force", action="store_true",
+                    help="also a failed rollout, or one whose operator left it running")
+    _fleet_broker_args(rr)
+
+    fg = fsub.add_parser("gc", help="clear retained bundles no desired document references")
+    fg.add_argument("--dry-run", action="store_true", help="only list them")
+    _fleet_broker_args(fg)
+    fc = fsub.add_parser("clear", help="clear a retained desired (or rollout) document")
+    which = fc.add_mutually_exclusive_group(required=True)
+    which.add_argument("--gateway", action="append", metavar="ID")
+    which.add_argument("--group")
+    which.add_argument("--selector", metavar="NAME", help="the selector document's name")
+    which.add_argument("--rollout", metavar="NAME")
+    _fleet_broker_args(fc)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="floorline", description="Floorline gateway runtime.")
     parser.add_argument("--version", action="version", version=f"floorline {__version__}")
@@ -426,33 +692,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway daemon")
     run.add_argument("--config", type=Path, required=True, help="gateway YAML config")
-    fleet = sub.add_parser("fleet", help="operator commands: keygen, push, status")
-    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
-    fk = fsub.add_parser("keygen", help="create an operator signing key pair")
-    fk.add_argument("prefix", type=Path, help="writes PREFIX.key and PREFIX.pub")
-    for name in ("push", "status"):
-        fp = fsub.add_parser(name, help=f"fleet {name}")
-        fp.add_argument("--broker", default="localhost:1883", help="HOST:PORT")
-        fp.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
-        if name == "push":
-            who = fp.add_mutually_exclusive_group(required=True)
-            who.add_argument("--gateway", help="one gateway id")
-            who.add_argument("--group", help="a gateway group")
-            fp.add_argument("--config", type=Path, required=True,
-                            help="YAML with the pipelines (and limits/logging) to run")
-            fp.add_argument("--bundle", type=Path, action="append",
-                            help="bundle directory the config names (repeat)")
-            fp.add_argument("--key", type=Path, required=True, help="operator private key")
-            fp.add_argument("--version", type=int, help="default: now in milliseconds")
-            fp.add_argument("--ttl-hours", type=float, default=168.0)
-            fp.add_argument("--sign-bundles", action="store_true",
-                            help="sign the pushed bundles with --key too")
-            fp.add_argument("--skip-verify", action="store_true",
-                            help="push bundles without checking them first (drills: let the "
-                            "gateway do the refusing)")
-        else:
-            fp.add_argument("--gateway", help="only this gateway")
-            fp.add_argument("--wait", type=float, default=2.0, help="seconds to collect")
+    _fleet_parsers(sub)
     ins = sub.add_parser("install-service",
                          help="install the systemd unit, config and bundles on this gateway")
     ins.add_argument("--config", type=Path, required=True, help="gateway YAML config")

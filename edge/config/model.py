@@ -279,6 +279,58 @@ else:  # the backend plugins (edge/backends/), so the schema lists what this ins
     BackendName = Literal[_BACKEND_NAMES]
 
 
+class ShadowConfig(_Strict):
+    """A candidate model run beside the pipeline's on the same windows, compared and reported.
+
+    It never affects the pipeline's own predictions (docs/config.md, "Shadow models").
+    """
+
+    bundle: Path = Field(
+        description="The candidate's bundle: a directory or .tar (relative to this file), "
+        "example:NAME, or sha256:<hex> from the fleet's bundle store (signed, as for the "
+        "pipeline's bundle). It must take the pipeline model's input: the same window and "
+        "features (its own normalization)."
+    )
+    artifact: str | None = Field(default=None, description="Artifact file; default by backend.")
+    backend: BackendName = Field(default="auto", description="Runtime, as the pipeline's.")
+    interpreter: Literal["auto", "ai_edge_litert", "tflite_runtime"] = Field(
+        default="auto", description="TFLite interpreter module for the litert backend."
+    )
+    threads: int = Field(default=1, ge=1, le=64, description="Runtime threads for inference.")
+    every: int = Field(
+        default=1, ge=1, le=1_000_000,
+        description="Run the shadow on one batch in N (a slower candidate costs the worker its "
+        "inference time on those batches only).",
+    )
+    report_interval_s: float = Field(
+        default=30.0, ge=0.1, le=86400,
+        description="How often the comparison is published (retained, on report_topic).",
+    )
+    report_topic: Annotated[str, _template("gateway", "pipeline")] = Field(
+        default="floorline/{gateway}/shadow/{pipeline}",
+        description="Where the retained comparison report goes ({gateway}, {pipeline}).",
+    )
+    publish_predictions: bool = Field(
+        default=False,
+        description="Also publish the shadow's predictions (QoS 0, marked \"shadow\": true).",
+    )
+    topic: Annotated[str, _template(*PREDICTION_PLACEHOLDERS)] = Field(
+        default="floorline/{gateway}/shadow/{pipeline}/{asset}",
+        description="Where shadow predictions go with publish_predictions ({gateway}, "
+        "{pipeline}, {asset}).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShadowConfig:
+        if "topic" in self.model_fields_set and not self.publish_predictions:
+            raise ValueError("topic: set, but publish_predictions is false, so no shadow "
+                             "prediction is published and it would be ignored")
+        if self.backend == "onnx" and self.interpreter != "auto":
+            raise ValueError("interpreter: chooses the TFLite interpreter of the litert backend; "
+                             "with backend: onnx it would be ignored")
+        return self
+
+
 class PipelineConfig(_Strict):
     """One stream: subscriptions → decoder → windows → batches → model → predictions."""
 
@@ -317,6 +369,11 @@ class PipelineConfig(_Strict):
     labels: list[str] | None = Field(default=None, description="Override the bundle's labels.")
     thresholds: dict[str, float] | None = Field(
         default=None, description="Override the bundle's thresholds."
+    )
+    shadow: ShadowConfig | None = Field(
+        default=None,
+        description="A candidate bundle run beside this pipeline's on the same windows, compared "
+        "and reported (docs/config.md, Shadow models); it never affects the predictions.",
     )
 
     @field_validator("subscribe")
@@ -470,7 +527,28 @@ class FleetConfig(_Strict):
     bundle_fetch_timeout_s: float = Field(
         default=60.0, gt=0, description="How long to wait for a pushed bundle to arrive."
     )
-    history: int = Field(default=10, ge=1, le=100, description="Apply results reported.")
+    history: int = Field(
+        default=10, ge=1, le=100, description="Apply results reported (kept across restarts)."
+    )
+    attributes: dict[Name, str] = Field(
+        default_factory=dict,
+        description="This gateway's attributes (site, line, hardware...), matched by selector "
+        "pushes and reported; the automatic floorline, runtimes and machine are added unless "
+        "set here.",
+    )
+    report_interval_s: float = Field(
+        default=30.0, gt=0, description="The reported state (with health) is re-published at "
+        "least this often."
+    )
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _attribute_values(cls, value: object) -> object:
+        # `line: 3` in YAML is a number; selectors compare strings.
+        if isinstance(value, dict):
+            return {k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                    for k, v in value.items()}
+        return value
 
 
 PUSHABLE_SECTIONS = frozenset({"pipelines", "limits", "logging"})
@@ -745,6 +823,17 @@ def _resolve_paths(
                 raise ConfigError(f"{where}: pipelines.{i}.bundle: {exc}") from exc
         elif not str(p.bundle).startswith("sha256:"):  # a store reference, not a path
             p.bundle = rel(p.bundle) or p.bundle
+        if p.shadow is not None:  # the same rules for a shadow's bundle
+            ref = str(p.shadow.bundle)
+            if ref.startswith(EXAMPLE_PREFIX):
+                try:
+                    p.shadow.bundle = example_bundle(ref.removeprefix(EXAMPLE_PREFIX))
+                except ConfigError as exc:
+                    line = _line_of(node, ("pipelines", i, "shadow", "bundle"))
+                    where = f"{origin}:{line}" if line else origin
+                    raise ConfigError(f"{where}: pipelines.{i}.shadow.bundle: {exc}") from exc
+            elif not ref.startswith("sha256:"):
+                p.shadow.bundle = rel(p.shadow.bundle) or p.shadow.bundle
     config.state_dir = rel(config.state_dir) or config.state_dir
     if config.state_dir is None and not os.environ.get("STATE_DIRECTORY"):
         config.state_dir = base / "floorline-state"

@@ -11,6 +11,11 @@ every message they accepted, windows in progress move to the new pipelines when 
 unchanged, and the held messages go to the new generation. No message is processed by both
 generations or by neither.
 
+Prediction counters (``seq``) never go backwards for an asset: each batch's next counters are
+committed with its predictions in the outbox (``Predictions``), and every generation's pipelines
+are seeded from there before they start, at start-up and at each switch, whether their windows
+were carried over or dropped (``_seed_seqs``, ``floorline.edge.stream.window``).
+
 Everything the gateway sends goes through ``send``: the publisher, its outbox for QoS ≥ 1, then
 the connection. Two messages cannot: the last will (the broker publishes it) and the final
 offline state, written while the connection closes. The retained state and fleet reports skip
@@ -39,7 +44,7 @@ from floorline.edge.config.model import Config, PipelineConfig
 from floorline.edge.daemon.acks import AckTracker
 from floorline.edge.daemon.generation import ApplyResult, Generation, carry_over
 from floorline.edge.daemon.journal import WindowJournal
-from floorline.edge.daemon.models import load_model
+from floorline.edge.daemon.models import close_model, load_model, load_shadow
 from floorline.edge.daemon.pipeline import Pipeline
 from floorline.edge.daemon.routing import Handler, Router
 from floorline.edge.daemon.state import bundle_info, state_document
@@ -157,8 +162,10 @@ class Daemon:
             model.backend.runtime,
             model.selftest.max_abs_error,
         )
+        shadow = None
         try:
             check_fit(pc, model.bundle.manifest)  # what `floorline check` refuses, run refuses
+            shadow = load_shadow(config, pc, self.store)  # a candidate beside it (`shadow`)
             return Pipeline(
                 pc,
                 gateway=self.gateway,
@@ -170,8 +177,11 @@ class Daemon:
                 journal=self.journal,
                 restore=restore,
                 observe=self.metrics.observe_batch,
+                shadow=shadow,
+                report=self._send_report,
             )
         except BaseException:
+            close_model(shadow)
             model.backend.close()
             model.bundle.close()
             raise
@@ -182,6 +192,7 @@ class Daemon:
             self._open_state()
         self.router.generation = self.build(config or self.config)
         self.config = self.router.generation.config
+        self._seed_seqs(self.router.generation)
 
     def start(self) -> None:
         """Load (if not yet), start the workers, then connect."""
@@ -233,7 +244,9 @@ class Daemon:
         """Let the bundle store drop bundles neither running nor in KEEP, if over its size."""
         if self.store is None:
             return
-        running = {parse_ref(str(p.config.bundle)) for p in self.pipelines}
+        refs = [p.config.bundle for p in self.pipelines]
+        refs += [p.config.shadow.bundle for p in self.pipelines if p.config.shadow is not None]
+        running = {parse_ref(str(ref)) for ref in refs}
         self.store.collect({d for d in running if d} | (keep or set()))
 
     # -- the one publish path ---------------------------------------------------------------
@@ -247,6 +260,11 @@ class Daemon:
         """
         if self.publisher is not None:
             self.publisher.submit(messages, keep=keep)
+
+    def _send_report(self, messages: Sequence[Outbound]) -> None:
+        # Retained reports a pipeline publishes (its shadow's): each replaced by the next, so
+        # not through the outbox, as the state document.
+        self.send(messages, keep=False)
 
     def _announce(self) -> None:
         # Runs at every (re)connect: the retained state must say online (or degraded) again.
@@ -291,6 +309,8 @@ class Daemon:
                     for p in old.pipelines:
                         p.stop(drain_all=True)  # every accepted message is finished by `old`
                     carried = carry_over(old, new, self.journal)
+                # After `old` stopped: every prediction it made has its counter in the outbox.
+                self._seed_seqs(new)
                 self.router.generation = new
                 self.config = new.config
                 new.start()
@@ -303,6 +323,15 @@ class Daemon:
             log.info("configuration applied; %d held messages passed on; windows carried: %s",
                      len(held), ", ".join(carried) or "none")
             return ApplyResult(ok=True, carried_over=tuple(carried))
+
+    def _seed_seqs(self, gen: Generation) -> None:
+        """Start GEN's window counters where the outbox says this gateway's predictions are."""
+        if self.publisher is None:
+            return
+        for p in gen.pipelines:
+            floors = self.publisher.outbox.next_seqs(p.name)
+            if floors:
+                p.seed_seqs(floors)
 
     def _bundle_info(self) -> list[BundleInfo]:
         return bundle_info(self.pipelines)

@@ -52,7 +52,10 @@ class Generation:
                 try:
                     p.model.backend.close()
                 finally:
-                    p.model.bundle.close()
+                    try:
+                        p.model.bundle.close()
+                    finally:
+                        p.close_shadow()
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,9 @@ def carry_over(old: Generation, new: Generation, journal: WindowJournal | None) 
 
     Returns the pipelines whose windows were carried. A pipeline whose input changed starts
     empty, and its journaled windows are forgotten: saved windows of another shape must not come
-    back after a restart.
+    back after a restart. Its window counters are not dropped with the samples: the daemon seeds
+    every new pipeline from the counters stored with the predictions (``Daemon._seed_seqs``), so
+    ``seq`` goes on across any switch, a rollback included.
     """
     carried = []
     previous = {p.name: p for p in old.pipelines}

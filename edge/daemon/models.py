@@ -1,4 +1,9 @@
-"""Bundle trust and model loading: which keys a config trusts, and a pipeline's verified model."""
+"""Bundle trust and model loading: which keys a config trusts, and a pipeline's verified models.
+
+A pipeline's primary model (``bundle``) and its shadow (``shadow.bundle``) are loaded the same
+way and obey the same trust rules: signatures as ``trust`` says, and a ``sha256:<hex>`` reference
+comes from the fleet's bundle store and must be signed by a trusted key.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from floorline.edge.bundle import selftest
 from floorline.edge.bundle.bundle import Bundle
 from floorline.edge.bundle.store import BundleStore, parse_ref
 from floorline.edge.config.model import Config, PipelineConfig
-from floorline.edge.errors import BundleError
+from floorline.edge.errors import BackendError, BundleError, FloorlineError, SelfTestError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -33,15 +38,63 @@ def load_model(
 
     A bundle named ``sha256:<hex>`` comes from the fleet's bundle STORE and must be signed.
     """
+    return _load(
+        config, pipeline.bundle, store, what=f"pipeline {pipeline.name}: bundle",
+        backend=pipeline.backend, artifact=pipeline.artifact,
+        options=BackendOptions(threads=pipeline.threads, interpreter=pipeline.interpreter),
+    )
+
+
+def load_shadow(
+    config: Config, pipeline: PipelineConfig, store: BundleStore | None = None
+) -> selftest.LoadedModel | None:
+    """The pipeline's shadow model (``shadow``), verified and self-tested; None without one.
+
+    Loaded as the primary is (``load_model``: the same trust rules, the same store). Errors
+    start with the key they are about (``shadow.bundle``, ``shadow.artifact`` or
+    ``shadow.backend``), so ``Config.pipeline_error`` reports them at its line.
+    """
+    shadow = pipeline.shadow
+    if shadow is None:
+        return None
+    try:
+        return _load(
+            config, shadow.bundle, store, what="bundle",
+            backend=shadow.backend, artifact=shadow.artifact,
+            options=BackendOptions(threads=shadow.threads, interpreter=shadow.interpreter),
+        )
+    except FloorlineError as exc:
+        key = "shadow.bundle"
+        if isinstance(exc, (BackendError, SelfTestError)):
+            key = "shadow.artifact" if shadow.artifact else "shadow.backend"
+        try:
+            error = type(exc)(f"{key}: {exc}")
+        except TypeError:  # an error class with another signature
+            error = BundleError(f"{key}: {exc}")
+        raise error from exc
+
+
+def close_model(model: selftest.LoadedModel | None) -> None:
+    """Release MODEL's runtime and bundle (both, whatever the first raises); None: nothing."""
+    if model is None:
+        return
+    try:
+        model.backend.close()
+    finally:
+        model.bundle.close()
+
+
+def _load(
+    config: Config, ref: Path, store: BundleStore | None, *, what: str, backend: str,
+    artifact: str | None, options: BackendOptions,
+) -> selftest.LoadedModel:
     keys = trusted_keys(config)
-    path = Path(pipeline.bundle)
+    path = Path(ref)
     require = config.trust.require_signature
-    digest = parse_ref(str(pipeline.bundle))
+    digest = parse_ref(str(ref))
     if digest is not None:
         if store is None or not store.has(digest):
-            raise BundleError(
-                f"pipeline {pipeline.name}: bundle {digest[:12]}… is not in the store"
-            )
+            raise BundleError(f"{what} {digest[:12]}… is not in the store")
         path = store.path(digest)
         store.touch(digest)
         require = True  # what arrives over the network runs only if signed by a trusted key
@@ -54,9 +107,9 @@ def load_model(
     try:
         return selftest.load(
             bundle,
-            backend=None if pipeline.backend == "auto" else pipeline.backend,
-            artifact=pipeline.artifact,
-            options=BackendOptions(threads=pipeline.threads, interpreter=pipeline.interpreter),
+            backend=None if backend == "auto" else backend,
+            artifact=artifact,
+            options=options,
         )
     except BaseException:
         bundle.close()

@@ -19,6 +19,15 @@ contributed is safe. The worker holds the messages it processed until no window 
 the batcher (every window so far is predicted and its prediction committed to the outbox), then
 saves the touched assets' partial windows to the journal and releases the messages, in arrival
 order. Releases therefore lag by at most ``max_wait_ms`` plus one inference.
+
+Shadow (``shadow``): a candidate model beside the pipeline's runs on the same windows after each
+batch's predictions were submitted, and is compared and reported (``daemon.shadow``). Whatever it
+does, the pipeline's own predictions, dead letters and acknowledgements stay as they were.
+
+Counting input: ``received`` counts every message offered (queued, dropped or refused) on
+arrival; the worker dead-letters it later. ``health`` gives the counts a probation compares,
+taken so that the dead letters between any two readings are never more than the input between
+them (issue 14, finding 5).
 """
 
 from __future__ import annotations
@@ -35,8 +44,12 @@ from floorline.edge.bundle.selftest import LoadedModel
 from floorline.edge.config.model import LimitsConfig, PipelineConfig, TopicsConfig
 from floorline.edge.daemon.inbox import Inbox
 from floorline.edge.daemon.journal import WindowJournal
+from floorline.edge.daemon.models import close_model
+from floorline.edge.daemon.shadow import ShadowRunner
 from floorline.edge.decoders import make_decoder
-from floorline.edge.errors import BackendError, DecodeError
+from floorline.edge.delivery.outbox import SeqMarks
+from floorline.edge.delivery.publisher import Predictions
+from floorline.edge.errors import BackendError, ConfigError, DecodeError
 from floorline.edge.messages import Inbound, Outbound
 from floorline.edge.outputs import OutputContext, make_output
 from floorline.edge.stream.batch import Batcher
@@ -93,7 +106,14 @@ class Pipeline:
         journal: WindowJournal | None = None,
         restore: bool = True,
         observe: Callable[[str, int, float, list[float]], None] | None = None,
+        shadow: LoadedModel | None = None,
+        report: Submit | None = None,
     ) -> None:
+        """SHADOW: the loaded ``shadow`` model (``models.load_shadow``), needed when configured.
+
+        REPORT: where its retained reports go (the daemon's publish path without the outbox);
+        default SUBMIT.
+        """
         self.config = config
         self.name = config.name
         self.model = model
@@ -139,6 +159,20 @@ class Pipeline:
                 thresholds=config.thresholds,
             ),
         )
+        self.shadow: ShadowRunner | None = None
+        """The shadow model run beside this pipeline's, if ``shadow`` is configured."""
+        if config.shadow is not None:
+            if shadow is None:
+                raise ConfigError("shadow: configured, but no shadow model was loaded")
+            try:
+                self.shadow = ShadowRunner(
+                    config.shadow, shadow, model, gateway=gateway, pipeline=config.name,
+                    labels=config.labels, thresholds=config.thresholds, submit=submit,
+                    report=report or submit,
+                )
+            except BaseException:
+                self.output.close()
+                raise
         self._segment = config.asset.topic_segment
         self._assets: dict[str, str | None] = {}
         self._held: list[tuple[int, int]] = []  # processed, not yet released (durable)
@@ -146,6 +180,12 @@ class Pipeline:
         # Written by paho's thread only: received, dropped_inbox_full. The rest by the worker.
         self.counters: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
+        # The worker's side of ``health``: messages taken from the inbox, messages it
+        # dead-lettered, windows whose inference failed; published together, between messages.
+        self._taken = 0
+        self._dead = 0
+        self._failed = 0
+        self._tally = (0, 0, 0)
         self.last_progress = time.monotonic()
         self.death: str | None = None
         """What ended the worker thread, if an exception did."""
@@ -284,6 +324,9 @@ class Pipeline:
         if rest:
             self._infer(rest)
         self._settle()
+        self._tally = (self._taken, self._dead, self._failed)
+        if self.shadow is not None:
+            self.shadow.publish(running=False)
 
     def _turn(self, deadline: float | None) -> bool:
         """One turn of the worker loop; False once stopping and nothing is left to take."""
@@ -294,6 +337,7 @@ class Pipeline:
         items = self.inbox.get_many(_RUN, timeout=wait)
         if items:
             held = self._held
+            self._taken += len(items)
             for topic, payload, received, token in items:
                 try:
                     self._handle(topic, payload, received)
@@ -301,6 +345,9 @@ class Pipeline:
                     self._internal_error(exc, topic, len(payload))
                 if token is not None:
                     held.append(token)
+            # Every message taken is handled: a consistent reading for ``health`` (published
+            # only where no message is half-handled).
+            self._tally = (self._taken, self._dead, self._failed)
             if self.inbox.empty() or len(held) >= _SETTLE_EVERY:
                 self._settle()
         elif deadline is not None:
@@ -309,6 +356,9 @@ class Pipeline:
         if due:
             self._infer(due)
             self._settle()
+            self._tally = (self._taken, self._dead, self._failed)
+        if self.shadow is not None:
+            self.shadow.maybe_report(time.monotonic())
         return True
 
     def _settle(self) -> None:
@@ -361,6 +411,10 @@ class Pipeline:
             self._windower.import_state(asset, state)
             self._touched.add(asset)
 
+    def seed_seqs(self, floors: dict[str, int]) -> None:
+        """Never number a new window below FLOORS[asset] (before start; ``Windower.seed``)."""
+        self._windower.seed(floors)
+
     def _asset_of(self, topic: str) -> str | None:
         if topic in self._assets:
             return self._assets[topic]
@@ -406,21 +460,21 @@ class Pipeline:
             self._internal_error(exc, None, 0)
             try:
                 for w in batch:
-                    self._reject("internal_error", f"window:{w.asset}", 0, type(exc).__name__)
+                    self._reject("internal_error", f"window:{w.asset}", 0, type(exc).__name__,
+                                 window=True)
             except Exception:  # noqa: BLE001 - the publish path itself failed: counted above
                 log.debug("pipeline %s: cannot dead-letter an internal error", self.name)
 
     def _infer_batch(self, batch: list[Window]) -> None:
-        x = np.stack([w.values for w in batch])
-        if self._flat_input:
-            x = x.reshape(len(batch), -1)
+        raw = np.stack([w.values for w in batch])
+        x = raw.reshape(len(batch), -1) if self._flat_input else raw
         x = normalize(x, self._spec)
         start = time.perf_counter()
         try:
             out = self.model.backend.infer(x)
         except BackendError as exc:
             for w in batch:
-                self._reject("inference_failed", f"window:{w.asset}", 0, str(exc))
+                self._reject("inference_failed", f"window:{w.asset}", 0, str(exc), window=True)
             return
         inference_ms = (time.perf_counter() - start) * 1e3
         # Autoencoder heads become scores here, against the inputs they reconstruct.
@@ -434,19 +488,50 @@ class Pipeline:
                           [now - w.received for w in batch])
         messages = self.output.messages(batch, out, inference_ms=inference_ms, now=now)
         # One outbox transaction for the whole batch: committed before anything is released.
-        self._submit(messages)
+        # With each asset's next seq, stored in that same transaction (issue 14, finding 7).
+        marks = SeqMarks(self.name, {w.asset: w.index + 1 for w in batch})
+        self._submit(Predictions(messages, marks))
         self.counters["predictions"] += len(messages)
+        if self.shadow is not None:
+            # After the primary's predictions are submitted; never raises (counted in there).
+            self.shadow.run(batch, raw, out, inference_ms)
 
-    def _reject(self, reason: str, topic: str, size: int, detail: str) -> None:
+    def _reject(self, reason: str, topic: str, size: int, detail: str, *,
+                window: bool = False) -> None:
+        """Dead-letter a message (on TOPIC), or with WINDOW a window (pseudo-topic window:ASSET)."""
         self.dead_letters[reason] += 1
+        if window:
+            self._failed += 1
+        elif reason != "too_large":  # refused on paho's thread: counted by health() itself
+            self._dead += 1
         log.debug("pipeline %s: dead letter %s from %s (%d bytes)", self.name, reason, topic, size)
         report = dead_letter(self.name, reason, topic, size, detail)
         self._submit([Outbound(self._dlq_topic, report)])
 
+    def health(self) -> tuple[int, int, int]:
+        """(messages received, messages dead-lettered, windows whose inference failed).
+
+        For a probation's dead-letter share: the messages counted as received are those the
+        worker took from the inbox (all handled) plus those dropped or refused on arrival, so the
+        dead letters between any two readings never outnumber the input between them, whatever
+        was still queued at the first (a switch hands held messages to the new pipeline, a busy
+        one has a backlog). Window failures (``inference_failed``, a batch's ``internal_error``)
+        are counted apart: a message may complete several windows.
+        """
+        taken, dead, failed = self._tally
+        refused = self.dead_letters["too_large"]  # paho's thread: received and refused at once
+        dropped = self.counters["dropped_inbox_full"]
+        return taken + refused + dropped, dead + refused, failed
+
+    def close_shadow(self) -> None:
+        """Release the shadow model, if any (after the worker stopped)."""
+        if self.shadow is not None:
+            close_model(self.shadow.model)
+
     def stats(self) -> dict[str, object]:
         """Counters for state reports and tests."""
         pending = self._windower.pending()
-        return {
+        out: dict[str, object] = {
             **self.counters,
             "dead_letters": dict(self.dead_letters),
             "queued": self.inbox.qsize(),
@@ -454,3 +539,7 @@ class Pipeline:
             "window_resets": dict(self._windower.resets),
             "duplicates": self._windower.duplicates,
         }
+        if self.shadow is not None:
+            out.update(self.shadow.counters())
+            out["shadow"] = self.shadow.document()
+        return out

@@ -15,7 +15,8 @@ paho's message id to outbox row lives here, updated only on the flusher thread (
 ``on_published`` with its own locks held, so that callback only appends to a queue).
 
 Delivery is at least once: a crash between the broker's PUBACK and the outbox delete resends a
-message. Predictions carry (asset, seq) for consumers to de-duplicate.
+message. Predictions carry (asset, seq) for consumers to de-duplicate; a pipeline submits them as
+``Predictions``, which carry the assets' next ``seq`` into the same outbox transaction.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from floorline.edge.delivery.outbox import Outbox
+from floorline.edge.delivery.outbox import Outbox, SeqMarks
 from floorline.edge.messages import Outbound
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,21 @@ _EXPIRE_EVERY_S = 60.0
 # once, as any crash between PUBACK and delete would).
 _DELETE_EVERY = 64
 _DELETE_AFTER_S = 0.02
+
+
+class Predictions(list[Outbound]):
+    """One batch's prediction messages, and the counters they advance (``marks``).
+
+    A plain list to everything on the way (``Daemon.send``, taps in tests); the publisher stores
+    ``marks`` in the outbox transaction that stores the messages, QoS 0 ones included (then the
+    counters alone), so a prediction's ``seq`` is never used again after a restart.
+    """
+
+    __slots__ = ("marks",)
+
+    def __init__(self, messages: Sequence[Outbound], marks: SeqMarks) -> None:
+        super().__init__(messages)
+        self.marks = marks
 
 
 class _Transport(Protocol):
@@ -92,9 +108,15 @@ class Publisher:
         That queue is bounded (the transport's: 1000 unacknowledged messages); one refused there
         is counted in ``refused`` and logged.
 
+        ``Predictions`` also store their counters, in the same transaction as their messages.
+
         Any thread; nothing here writes to the network (the transport's network thread does).
         """
         durable = [m for m in messages if m.qos > 0] if keep else []
+        marks = messages.marks if isinstance(messages, Predictions) else None
+        if durable or marks is not None:
+            # Before any QoS 0 send below: a prediction's counter is stored before it can arrive.
+            self.outbox.put_many(durable, marks)
         t = self._transport
         for topic, payload, qos, retain in messages:
             if qos == 0:
@@ -109,7 +131,6 @@ class Publisher:
                 log.warning("publisher: the connection's queue is full (the broker is not "
                             "acknowledging); message to %s dropped", topic)
         if durable:
-            self.outbox.put_many(durable)
             self._wake.set()
 
     def on_published(self, mid: int) -> None:

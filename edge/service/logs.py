@@ -11,7 +11,10 @@ colours work. systemd tells a service which stream that is with ``$JOURNAL_STREA
 
 A ``RateLimitFilter`` keeps a flood of one message (a broker refusing us every second, a bad
 sensor) from drowning the journal: per (logger, message template), the first ``burst`` records
-of a window pass, the rest are counted, and one summary says how many were suppressed.
+of a window pass, the rest are counted, and one summary says how many were suppressed. Records
+that are each a different event (fleet outcomes: another version, another verdict) are limited
+per event instead (``DISTINCT_LOGGERS``, or ``extra={"floorline_distinct": True}``). Summaries
+come when the window ends, on a timer even if nothing else is logged, and at shutdown.
 
     setup_logging(config.logging.level)       # once, early in `floorline run`
 """
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 __all__ = [
+    "DISTINCT_ATTR",
+    "DISTINCT_LOGGERS",
     "HUMAN_FORMAT",
     "JournalFormatter",
     "RateLimitFilter",
@@ -48,6 +53,17 @@ _LEVELS = {
 }
 
 _SUMMARY_ATTR = "floorline_rate_limit_summary"
+
+DISTINCT_ATTR = "floorline_distinct"
+"""A record with this attribute true (``extra={DISTINCT_ATTR: True}``) is limited per formatted
+message, not per template: each different one is its own event."""
+DISTINCT_LOGGERS = ("floorline.edge.fleet",)
+"""Loggers (and their children) whose INFO-and-above records are limited per formatted message.
+Every fleet outcome shares one template ("fleet: version %s %s: %s"); keyed by the template, an
+untrusted key or a rollback would be suppressed after five ordinary outcomes a minute."""
+_MAX_KEYS = 4096
+"""Windows tracked at most; beyond, distinct records fall back to their template's window, so a
+flood of distinct messages cannot grow memory without bound."""
 
 
 def _syslog_priority(levelno: int) -> int:
@@ -114,6 +130,12 @@ class RateLimitFilter(logging.Filter):
 
     Keyed by the template (``record.msg``) rather than the formatted text, so "dead letter from
     pump-01" and "... pump-02" count as one message: the flood is the problem, not its arguments.
+    Except for records that are each their own event (``DISTINCT_LOGGERS``, ``DISTINCT_ATTR``):
+    those are keyed by their formatted text, so only repeats of the same event are limited.
+
+    With a SINK, a daemon thread (started at the first suppressed record, ended when nothing is
+    pending) emits summaries when their window ends even if no record comes by; ``close()`` (at
+    shutdown: ``setup_logging``'s handler calls it from ``logging.shutdown``) emits the rest.
     """
 
     def __init__(
@@ -133,18 +155,27 @@ class RateLimitFilter(logging.Filter):
         """Where summaries go; ``setup_logging`` sets the handler's ``handle``."""
         self._clock = clock
         self._lock = threading.Lock()
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._windows: dict[tuple[str, ...], _Window] = {}
         self._next_sweep = clock()
+        self._timer: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """True to let RECORD through; False when its window's burst is used up."""
         if getattr(record, _SUMMARY_ATTR, False):
             return True
         template = record.msg if isinstance(record.msg, str) else f"<{type(record.msg).__name__}>"
-        key = (record.name, template)
+        key: tuple[str, ...] = (record.name, template)
+        if self._distinct(record):
+            try:
+                key = (record.name, template, record.getMessage())
+            except Exception:  # noqa: BLE001 - a bad format is the handler's to report
+                key = (record.name, template)
         now = self._clock()
         with self._lock:
             due = self._sweep(now) if now >= self._next_sweep else []
+            if len(key) > 2 and key not in self._windows and len(self._windows) >= _MAX_KEYS:
+                key = key[:2]
             window = self._windows.get(key)
             if window is None or now - window.start >= self.window_s:
                 if window is not None and window.suppressed:
@@ -158,9 +189,43 @@ class RateLimitFilter(logging.Filter):
                 window.suppressed += 1
                 window.last = record
                 allowed = False
+                if self.sink is not None and self._timer is None and not self._closed.is_set():
+                    self._timer = threading.Thread(
+                        target=self._tick, name="log-summaries", daemon=True
+                    )
+                    self._timer.start()
         # Outside the lock: the sink takes the handler's lock and formats.
         self._emit(due)
         return allowed
+
+    @staticmethod
+    def _distinct(record: logging.LogRecord) -> bool:
+        if getattr(record, DISTINCT_ATTR, False):
+            return True
+        if record.levelno < logging.INFO:
+            return False
+        name = record.name
+        return any(name == n or name.startswith(n + ".") for n in DISTINCT_LOGGERS)
+
+    def sweep(self) -> None:
+        """Emit the summaries of windows that have ended (the timer calls this)."""
+        with self._lock:
+            due = self._sweep(self._clock())
+        self._emit(due)
+
+    def _tick(self) -> None:
+        period = min(1.0, self.window_s)
+        while not self._closed.wait(period):
+            self.sweep()
+            with self._lock:
+                if not any(w.suppressed for w in self._windows.values()):
+                    self._timer = None  # the next suppressed record starts another
+                    return
+
+    def close(self) -> None:
+        """Emit every pending summary and stop the timer (at shutdown). Idempotent."""
+        self._closed.set()
+        self.flush()
 
     def flush(self) -> None:
         """Emit the summaries of every window that suppressed something, and forget them."""
@@ -202,6 +267,19 @@ class RateLimitFilter(logging.Filter):
             self.sink(record)
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The console handler; at ``close`` (``logging.shutdown`` at exit) it flushes summaries."""
+
+    limiter: RateLimitFilter | None = None
+
+    def close(self) -> None:
+        """Say what was suppressed before the stream goes away."""
+        if self.limiter is not None:
+            limiter, self.limiter = self.limiter, None
+            limiter.close()
+        super().close()
+
+
 def setup_logging(
     level: str | int,
     *,
@@ -221,11 +299,12 @@ def setup_logging(
     if levelno is None:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(_LEVELS)}")
     out = sys.stderr if stream is None else stream
-    handler = logging.StreamHandler(out)
+    handler = _Handler(out)
     handler.setFormatter(JournalFormatter() if writes_to_journal(out) else
                          logging.Formatter(HUMAN_FORMAT))
     limiter = RateLimitFilter(burst, window_s, clock=clock, sink=handler.handle)
     handler.addFilter(limiter)
+    handler.limiter = limiter
     setattr(handler, "floorline_handler", True)  # noqa: B010 - marks what a later call replaces
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -233,6 +312,8 @@ def setup_logging(
         # file handlers) belong to someone else.
         if getattr(old, "floorline_handler", False) or type(old) is logging.StreamHandler:
             root.removeHandler(old)
+            if isinstance(old, _Handler) and old.limiter is not None:
+                old.limiter.close()  # its summaries, before they are lost with it
     root.addHandler(handler)
     root.setLevel(levelno)
     return handler

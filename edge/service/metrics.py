@@ -14,7 +14,8 @@ plain bucket arrays under one lock. prometheus-client is needed only for the HTT
 
 Series (all ``floorline_``; counters end in ``_total``), per ``pipeline`` unless noted:
 ``messages_received``, ``messages_decoded``, ``messages_dropped`` (inbox full),
-``dead_letters`` {pipeline, reason}, ``windows``, ``batches``, ``predictions`` (counters);
+``dead_letters`` {pipeline, reason}, ``windows``, ``batches``, ``predictions``,
+``shadow_windows``, ``shadow_failures`` (counters);
 ``inbox_messages``, ``pending_samples`` (gauges); ``batch_size``, ``inference_seconds``,
 ``end_to_end_seconds`` (histograms); and gateway-wide ``outbox_messages``, ``outbox_bytes``,
 ``outbox_degraded`` (gauges), ``outbox_dropped`` {reason}, ``published``, ``delivered``,
@@ -173,6 +174,9 @@ _PIPELINE_COUNTERS = (
     ("windows", "windows", "Windows completed."),
     ("batches", "batches", "Inference calls (batches)."),
     ("predictions", "predictions", "Predictions handed to the publisher."),
+    ("shadow_windows", "shadow_windows", "Windows the pipeline's shadow model was compared on."),
+    ("shadow_failures", "shadow_failures",
+     "Shadow model batches that failed (the pipeline's predictions are not affected)."),
 )
 _PIPELINE_GAUGES = (
     ("inbox_messages", "queued", "Messages waiting in the inbox."),

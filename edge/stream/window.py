@@ -15,6 +15,20 @@ refused (``bad_sequence``), whatever decoder produced it.
 
 Blocks are copied into the ring with slice assignments, never sample by sample; Python loops run
 once per emitted window or per gap inside a block.
+
+Window counters (a prediction's ``seq``) are kept apart from the samples: they never go backwards
+for an asset, while the samples are dropped at every discontinuity. ``seed`` gives each asset a
+*floor*, a counter above every one already used (the daemon's own after a configuration switch;
+after a restart the outbox's reservation, stored with the predictions in their transaction, see
+``floorline.edge.delivery.outbox``). A new asset starts at its floor. An asset restored from the
+window journal (``ack: durable``) keeps its journaled counter, lower than the floor when
+predictions were published after the journal was saved: the broker redelivers the input since,
+in order, and those windows are rebuilt with the numbers they were published with, resets
+included, so a consumer recognises them as repeats. That is why a reset does not jump to the
+floor: a gap the first run saw comes back in the replay, and windows after it must keep their
+numbers too. The price is paid only by a broker that redelivers out of order (nats-server, see
+docs/reliability.md): there the few windows rebuilt after the crash can reuse the numbers of
+windows published just before it.
 """
 
 from __future__ import annotations
@@ -54,7 +68,8 @@ class Window:
     received: float
     """The ``received`` (monotonic seconds) passed with the push that completed the window."""
     index: int
-    """Per-asset window counter from 0; gaps do not reset it, so it stays unique per asset."""
+    """Per-asset window counter from 0 (or the asset's floor, see :meth:`Windower.seed`); gaps
+    do not reset it, and it never goes backwards but to rebuild windows already published."""
 
 
 class WindowConfig(BaseModel):
@@ -143,6 +158,7 @@ class Windower:
         self._max_rewind = config.max_seq_rewind
         self._max_assets = config.max_assets
         self._assets: dict[str, _AssetState] = {}
+        self._floors: dict[str, int] = {}  # asset -> its lowest next counter (see ``seed``)
         self.resets: dict[str, int] = dict.fromkeys(RESET_CAUSES, 0)
         """Buffer resets so far, by cause (see :data:`RESET_CAUSES`)."""
         self.duplicates = 0
@@ -171,6 +187,8 @@ class Windower:
             if len(self._assets) >= self._max_assets:
                 raise DecodeError("too_many_assets", f"already tracking {len(self._assets)}")
             state = self._assets[asset] = _AssetState(self._size, self._features)
+            if self._floors:
+                state.index = self._floors.get(asset, 0)
         times = samples.timestamps
         reset_cause: str | None = None  # why the buffer must be emptied before sample 0
 
@@ -221,6 +239,19 @@ class Windower:
         state.last_ts = None if times is None else float(times[-1])
         state.last_seq = None if first_seq is None else (first_seq + n - 1) & SEQ_MAX
         return out
+
+    def seed(self, floors: dict[str, int]) -> None:
+        """Raise each asset's floor to FLOORS[asset]: a window counter not used yet, nor any above.
+
+        A new asset starts there. An asset with state keeps its own counter: a journaled
+        (``ack: durable``) state rebuilds the windows published since it was saved with their
+        old numbers (see the module docstring).
+        Floors only rise. Call before ``push`` (the worker thread, or no thread, owns this).
+        """
+        own = self._floors
+        for asset, floor in floors.items():
+            if floor > own.get(asset, 0):
+                own[asset] = floor
 
     def _time_cuts(
         self, last: float | None, times: NDArray[np.float64], step: float | None
@@ -380,8 +411,13 @@ class Windower:
         return {asset: size - s.until_emit for asset, s in list(self._assets.items())}
 
     def forget(self, asset: str) -> None:
-        """Drop ASSET's buffer and stream position (the asset was retired); no-op if unknown."""
-        self._assets.pop(asset, None)
+        """Drop ASSET's buffer and stream position (the asset was retired); no-op if unknown.
+
+        Its window counter stays as its floor: should the asset come back, its numbers go on.
+        """
+        state = self._assets.pop(asset, None)
+        if state is not None and state.index > self._floors.get(asset, 0):
+            self._floors[asset] = state.index
 
     def __len__(self) -> int:
         """Assets tracked."""
