@@ -280,3 +280,18 @@ def test_pending_summaries_are_written_when_the_handler_closes_at_shutdown(
         "broker refused us",
         "message repeated 3 more times in 600 s (first 1 shown); last: broker refused us",
     ]
+
+
+def test_a_summary_for_a_stream_closed_meanwhile_is_dropped_without_a_logging_error(capsys):
+    # A handler replaced after its stream was closed (a test's capture, a redirected stderr)
+    # flushes its pending summary: nothing may be written, and no "--- Logging error ---".
+    first = io.StringIO()
+    setup_logging("INFO", stream=first, burst=1, window_s=60)
+    log = logging.getLogger("floorline.edge.test.closed")
+    for _ in range(3):
+        log.warning("the same thing again")  # one passes, two are held for a summary
+    first.close()
+    setup_logging("INFO", stream=io.StringIO())  # replaces the first: its summary is flushed
+    err = capsys.readouterr().err
+    assert "Logging error" not in err
+    assert "Traceback" not in err

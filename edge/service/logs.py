@@ -272,6 +272,17 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
     limiter: RateLimitFilter | None = None
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write RECORD, unless the stream was closed under us.
+
+        A late summary (its timer, or a replaced handler flushing) may find the stream gone: a
+        redirected stderr closed, a test's capture ended, interpreter exit. Dropping it is right;
+        logging's own error report ("--- Logging error ---" and a traceback) is not.
+        """
+        if getattr(self.stream, "closed", False):
+            return
+        super().emit(record)
+
     def close(self) -> None:
         """Say what was suppressed before the stream goes away."""
         if self.limiter is not None:
