@@ -292,8 +292,44 @@ def gateway_docs(docs: dict[str, bytes]) -> dict[str, dict[str, Any]]:
         except orjson.JSONDecodeError:
             continue
         if isinstance(body, dict):
-            out.setdefault(parts[1], {})[parts[2]] = body
+            out.setdefault(parts[1], {})[parts[2]] = (
+                clean_reported(body) if parts[2] == "reported" else body)
     return out
+
+
+def clean_reported(body: dict[str, Any]) -> dict[str, Any]:
+    """BODY with every field the operator commands read in the shape they expect.
+
+    A reported document is written by a gateway, or by anyone who may publish on its topic: a
+    field of the wrong type (a list of attributes, a history that is a number) is dropped
+    rather than crash ``status``, ``push --wait`` or a rollout.
+    """
+    rep = dict(body)
+    attrs = rep.get("attributes")
+    rep["attributes"] = ({str(k): v if isinstance(v, (str, int, float, bool)) else str(v)
+                          for k, v in attrs.items()} if isinstance(attrs, dict) else {})
+    history = rep.get("history")
+    rep["history"] = ([h for h in history if isinstance(h, dict)]
+                      if isinstance(history, list) else [])
+    bundles = rep.get("bundles")
+    rep["bundles"] = ([b for b in bundles if isinstance(b, dict)]
+                      if isinstance(bundles, list) else [])
+    health = rep.get("health")
+    health = dict(health) if isinstance(health, dict) else {}
+    pipelines = health.get("pipelines")
+    health["pipelines"] = ({str(k): v for k, v in pipelines.items() if isinstance(v, dict)}
+                           if isinstance(pipelines, dict) else {})
+    if not isinstance(health.get("ts"), (int, float)) or isinstance(health.get("ts"), bool):
+        health.pop("ts", None)
+    rep["health"] = health
+    if not isinstance(rep.get("probation"), dict):
+        rep["probation"] = None
+    groups = rep.get("groups")
+    if groups is not None and not isinstance(groups, list):
+        rep.pop("groups")
+    if not isinstance(rep.get("ts"), (int, float)) or isinstance(rep.get("ts"), bool):
+        rep.pop("ts", None)
+    return rep
 
 
 def verdict(reported: dict[str, Any], version: int) -> str | None:
@@ -310,6 +346,27 @@ def verdict(reported: dict[str, Any], version: int) -> str | None:
             if result in VERDICTS:
                 return result
     return None
+
+
+def superseded_by(reported: dict[str, Any], version: int) -> int | None:
+    """A newer version the gateway took up, so that it will never judge VERSION; else None.
+
+    A gateway ignores, quietly, a document not newer than the highest it has seen: a push made
+    with an older version (an operator's clock behind another's, ``--version``) or a rollout
+    resumed after a newer push would otherwise be waited for until the timeout. Only what
+    moves the highest seen counts: the running version, a probation, an applied or rolled
+    back document.
+    """
+    if verdict(reported, version) is not None:
+        return None
+    newer = [v for v in (reported.get("running_version"),
+                         (reported.get("probation") or {}).get("version"))
+             if isinstance(v, int) and not isinstance(v, bool) and v > version]
+    newer += [e["version"] for e in reported.get("history") or []
+              if isinstance(e, dict) and e.get("result") in ("applied", "rolled_back")
+              and isinstance(e.get("version"), int) and not isinstance(e["version"], bool)
+              and e["version"] > version]
+    return max(newer) if newer else None
 
 
 def verdict_reason(reported: dict[str, Any], version: int) -> str:

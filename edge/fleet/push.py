@@ -47,6 +47,7 @@ from floorline.edge.fleet.common import (
     now_ms,
     read_envelope,
     selector_slug,
+    superseded_by,
     verdict,
     verdict_reason,
 )
@@ -327,6 +328,11 @@ def wait_verdicts(
                 if dynamic and v is not None and gw not in wanted:
                     wanted.add(gw)
                     last_new = time.monotonic()
+                newer = superseded_by(rep, version) if v is None else None
+                if gw in wanted and newer is not None and gw not in verdicts:
+                    verdicts[gw] = "superseded"
+                    print(f"  {gw}: superseded: it took up version {newer}, newer than "
+                          f"{version}, so it ignores {version}", file=out)
                 if gw in wanted and v not in (None, "pending") and gw not in verdicts:
                     verdicts[gw] = str(v)
                     reason = verdict_reason(rep, version)
@@ -339,7 +345,7 @@ def wait_verdicts(
                 break
             time.sleep(0.1)
     missing = sorted(wanted - set(verdicts))
-    failed = sorted(g for g, v in verdicts.items() if v in FAILED_RESULTS)
+    failed = sorted(g for g, v in verdicts.items() if v in (*FAILED_RESULTS, "superseded"))
     counts: dict[str, int] = {}
     for v in verdicts.values():
         counts[v] = counts.get(v, 0) + 1
@@ -381,8 +387,9 @@ def referenced_bundles(docs: dict[str, bytes]) -> set[str]:
             refs |= rollout_bundles(payload)
         elif topic.endswith("/desired"):
             body = read_envelope(payload)
-            if body is not None:
-                refs |= {str(b).removeprefix("sha256:") for b in body.get("bundles") or []}
+            named = body.get("bundles") if body is not None else None
+            if isinstance(named, list):
+                refs |= {str(b).removeprefix("sha256:") for b in named}
     return refs
 
 

@@ -44,11 +44,13 @@ from floorline.edge.fleet.common import (
     UsageError,
     check_level,
     check_name,
+    clean_reported,
     gateway_docs,
     groups_of,
     matches,
     now_ms,
     read_envelope,
+    superseded_by,
     verdict,
     verdict_reason,
 )
@@ -164,6 +166,51 @@ def operator_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def malformed(doc: dict[str, Any]) -> str | None:
+    """What is wrong with a retained rollout document (None: it can be shown and resumed).
+
+    Anyone who may publish on floorline/rollouts/NAME can leave a broken document there;
+    ``status`` and ``resume`` name it instead of failing with a traceback.
+    """
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks: list[tuple[str, bool]] = [
+        ("name", isinstance(doc.get("name"), str)),
+        ("state", isinstance(doc.get("state"), str)),
+        ("version", isinstance(doc.get("version"), int) and not isinstance(doc.get("version"), bool)
+         and doc["version"] > 0),
+        ("config", isinstance(doc.get("config"), dict)),
+        ("bundles", isinstance(doc.get("bundles"), list)
+         and all(isinstance(b, str) for b in doc["bundles"])),
+        ("ttl_hours", number(doc.get("ttl_hours")) and doc["ttl_hours"] > 0),
+        ("wave_timeout_s", number(doc.get("wave_timeout_s")) and doc["wave_timeout_s"] > 0),
+        ("max_failures", isinstance(doc.get("max_failures"), str)),
+        ("previous", isinstance(doc.get("previous", {}), dict)),
+        ("previous_docs", isinstance(doc.get("previous_docs", {}), dict) and all(
+            isinstance(p, dict) and isinstance(p.get("config"), dict)
+            and isinstance(p.get("bundles"), list) and isinstance(p.get("deployment"), str)
+            for p in (doc.get("previous_docs") or {}).values())),
+        ("waves", isinstance(doc.get("waves"), list) and all(
+            isinstance(w, dict) and isinstance(w.get("name"), str)
+            and isinstance(w.get("state"), str)
+            and isinstance(w.get("gateways"), list)
+            and all(isinstance(g, str) for g in w["gateways"])
+            and isinstance(w.get("verdicts", {}), dict)
+            and isinstance(w.get("rollback") or {}, dict)
+            and all(isinstance(v, dict) and isinstance(v.get("result"), str)
+                    for v in w.get("verdicts", {}).values())
+            for w in doc["waves"])),
+    ]
+    bad = [k for k, ok in checks if not ok]
+    if not bad and doc["max_failures"]:
+        try:
+            parse_threshold(doc["max_failures"])
+        except UsageError:
+            bad.append("max_failures")
+    return f"malformed {', '.join(bad)}" if bad else None
+
+
 def rollout_bundles(payload: bytes) -> set[str]:
     """Bundle digests a retained rollout document needs (its config and the previous ones)."""
     try:
@@ -172,15 +219,21 @@ def rollout_bundles(payload: bytes) -> set[str]:
         return set()
     if not isinstance(doc, dict):
         return set()
-    refs = {str(b) for b in doc.get("bundles") or []}
-    for prev in (doc.get("previous_docs") or {}).values():
+    def listed(value: Any) -> set[str]:
+        return {str(b) for b in value} if isinstance(value, list) else set()
+
+    refs = listed(doc.get("bundles"))
+    previous = doc.get("previous_docs")
+    for prev in previous.values() if isinstance(previous, dict) else ():
         if isinstance(prev, dict):
-            refs |= {str(b) for b in prev.get("bundles") or []}
+            refs |= listed(prev.get("bundles"))
     return {r.removeprefix("sha256:") for r in refs}
 
 
 def _applies(topic: str, body: dict[str, Any], gw: str, rep: dict[str, Any]) -> bool:
-    target = body.get("target") or {}
+    target = body.get("target")
+    if not isinstance(target, dict):
+        return False
     if topic == f"floorline/{gw}/desired":
         return target.get("gateway") == gw
     if topic.startswith("floorline/groups/"):
@@ -196,7 +249,8 @@ class Runner:
     """Runs (or continues) the rollout described by DOC on an already collecting connection."""
 
     def __init__(self, doc: dict[str, Any], *, key: Ed25519PrivateKey, col: Collector,
-                 out: Any, interrupt: threading.Event | None = None) -> None:
+                 out: Any, interrupt: threading.Event | None = None,
+                 prior_run_id: str | None = None) -> None:
         self.doc = doc
         self.key = key
         self.col = col
@@ -206,9 +260,16 @@ class Runner:
         self.remote_stop: str | None = None
         self._published = 0.0
         self._dirty = False
+        self._prior = prior_run_id
+        self._own_echo = threading.Event()
+        self.rival: str | None = None
+        """Who started or resumed this rollout just before us (first on the broker wins)."""
         col.add_hook(self._on_message)
+        current = col.get(self.topic)
+        if current:
+            self._on_message(self.topic, current)
 
-    # -- stop requests ---------------------------------------------------------------------
+    # -- stop requests and rivals ----------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic != self.topic or not payload:
@@ -217,6 +278,16 @@ class Runner:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
+        if isinstance(body, dict) and body.get("run_id") not in (None, self._prior):
+            if body.get("run_id") == self.doc["run_id"]:
+                self._own_echo.set()
+            elif body.get("state") == "running":
+                if not self._own_echo.is_set():
+                    # Another operator's run reached the broker first: it goes on, we leave.
+                    self.rival = self.rival or str(body.get("resumed_by")
+                                                   or body.get("started_by") or "?")
+                else:
+                    self._dirty = True  # the loser overwrote our document once: publish again
         if (isinstance(body, dict) and body.get("state") == "stopping"
                 and body.get("run_id") == self.doc["run_id"] and self.remote_stop is None):
             self.remote_stop = str(body.get("stop_requested_by") or "another operator")
@@ -257,6 +328,14 @@ class Runner:
         doc = self.doc
         started = time.monotonic()
         self.publish()
+        # Two operators resuming (or starting) the same rollout at once: the broker orders
+        # their documents, and every runner sees that order; the first one runs the waves.
+        self._own_echo.wait(10.0)
+        if self.rival is not None:
+            raise RolloutError(
+                f"rollout {doc['name']} was {'resumed' if self._prior else 'started'} by "
+                f"{self.rival} a moment before this command: it runs there; nothing was pushed "
+                f"here (floorline fleet rollout status {doc['name']})")
         waves = doc["waves"]
         for i, wave in enumerate(waves):
             if wave["state"] in ("done", "empty"):
@@ -308,7 +387,7 @@ class Runner:
         self._wait(wave["gateways"], version, wave["verdicts"])
         wave["seconds"] = round(time.monotonic() - t0, 2)
         failed = sorted(g for g, v in wave["verdicts"].items()
-                        if v["result"] in (*FAILED_RESULTS, "timeout"))
+                        if v["result"] in (*FAILED_RESULTS, "timeout", "superseded"))
         allowed = allowed_failures(doc["max_failures"], len(wave["gateways"]))
         wave["failures"] = len(failed)
         counts = _counts(wave["verdicts"])
@@ -386,6 +465,14 @@ class Runner:
             for gw in list(pending):
                 rep = self._reported(gw)
                 v = verdict(rep, version) if rep else None
+                newer = superseded_by(rep, version) if v is None else None
+                if newer is not None:
+                    verdicts[gw] = {"result": "superseded",
+                                    "reason": f"runs version {newer}, newer than {version}: it "
+                                              f"ignores {version}"}
+                    pending.remove(gw)
+                    self._dirty = True
+                    continue
                 if v in (None, "pending"):
                     continue
                 verdicts[gw] = {"result": v, "reason": verdict_reason(rep, version)[:200]}
@@ -411,7 +498,7 @@ class Runner:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return {}
-        return body if isinstance(body, dict) else {}
+        return clean_reported(body) if isinstance(body, dict) else {}
 
     def _online(self, gw: str) -> bool | None:
         payload = self.col.get(f"floorline/{gw}/state")
@@ -590,6 +677,11 @@ def resume(*, name: str, key_file: Path, broker: BrokerConfig, force: bool = Fal
         doc = _existing(col, name)
         if doc is None:
             raise RolloutError(f"no rollout {name} on this broker")
+        problem = malformed(doc)
+        if problem:
+            raise RolloutError(f"rollout {name}: its retained document is not one this command "
+                               f"wrote ({problem}); nothing to resume. Clear it with floorline "
+                               f"fleet clear --rollout {name}")
         state = doc.get("state")
         if state == "done":
             raise RolloutError(f"rollout {name} is done; nothing to resume")
@@ -604,10 +696,12 @@ def resume(*, name: str, key_file: Path, broker: BrokerConfig, force: bool = Fal
         for wave in doc["waves"]:
             if wave["state"] == "failed":
                 wave["state"] = "done"  # forced past it
+        prior = doc.get("run_id")
         doc.update(state="running", run_id=uuid.uuid4().hex, reason="",
                    resumed_by=operator_name(), resumed_at=_iso())
         doc.pop("stop_requested_by", None)
-        runner = Runner(doc, key=key, col=col, out=out, interrupt=interrupt)
+        runner = Runner(doc, key=key, col=col, out=out, interrupt=interrupt,
+                        prior_run_id=str(prior) if prior is not None else None)
         runner.event(f"rollout {name} resumed by {doc['resumed_by']} (was {state})")
         return runner.run()
 
@@ -665,15 +759,23 @@ def show(*, broker: BrokerConfig, name: str | None = None, as_json: bool = False
         if not docs:
             print("no rollouts on this broker", file=out)
         for n, d in sorted(docs.items()):
+            problem = malformed(d)
+            if problem:
+                print(f"{n}: not a rollout document ({problem}); floorline fleet clear "
+                      f"--rollout {n} removes it", file=out)
+                continue
             done = sum(1 for w in d.get("waves", []) if w.get("state") in ("done", "empty"))
             print(f"{n}: {d.get('state')}, version {d.get('version')}, {done}/"
                   f"{len(d.get('waves', []))} waves done, started by {d.get('started_by')} at "
                   f"{d.get('started_at')}, updated {d.get('updated_at')}", file=out)
+    elif malformed(docs[name]):
+        print(f"rollout {name}: not a rollout document ({malformed(docs[name])}); floorline "
+              f"fleet clear --rollout {name} removes it", file=out)
     else:
         _print_rollout(docs[name], out)
     if name is not None:
-        return _state_code(docs[name].get("state"))
-    states = [d.get("state") for d in docs.values()]
+        return EXIT_FAILED if malformed(docs[name]) else _state_code(docs[name].get("state"))
+    states = ["failed" if malformed(d) else d.get("state") for d in docs.values()]
     return max((_state_code(s) for s in states), default=EXIT_OK,
                key=lambda c: {EXIT_OK: 0, EXIT_MISSING: 1, EXIT_FAILED: 2}[c])
 

@@ -7,6 +7,7 @@ reporting); filters; ``--json``; and the exit codes of ``floorline.edge.fleet.co
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,11 @@ def verdict_text(entry: dict[str, Any]) -> str:
     return f"{entry.get('result', '?')}" + (f" v{version}" if version is not None else "")
 
 
+def _count_of(value: Any) -> int:
+    """VALUE as a count, 0 when a (broken) gateway reported something else."""
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
+
+
 def row(name: str, docs: dict[str, Any], now: float, stale_s: float) -> dict[str, Any]:
     """One gateway's row from its state and reported documents."""
     state = docs.get("state") or {}
@@ -101,7 +107,7 @@ def row(name: str, docs: dict[str, Any], now: float, stale_s: float) -> dict[str
         "reason": str(last.get("reason") or ""),
         "probation": rep.get("probation"),
         "attributes": {str(k): str(v) for k, v in (rep.get("attributes") or {}).items()},
-        "dead_letters": sum(int(p.get("dead_letters", 0)) for p in pipelines.values()
+        "dead_letters": sum(_count_of(p.get("dead_letters")) for p in pipelines.values()
                             if isinstance(p, dict)),
         "_reported": rep,
     }

@@ -283,6 +283,12 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         super().emit(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """Stay quiet if the stream closed between ``emit``'s check and the write (a race)."""
+        if getattr(self.stream, "closed", False):
+            return
+        super().handleError(record)
+
     def close(self) -> None:
         """Say what was suppressed before the stream goes away."""
         if self.limiter is not None:
