@@ -342,3 +342,27 @@ def test_unpack_never_writes_outside_dest(name: str, data: bytes) -> None:
             assert only.parent == dest
             assert only.read_bytes() == data
         assert [p.name for p in Path(tmp).iterdir()] == ["parent"]
+
+
+def test_a_tar_bundle_is_named_by_its_archive_path_in_reports_and_errors(tmp_path):
+    # Not the temporary directory it was unpacked to: an operator looks for the file they gave.
+    import shutil  # noqa: PLC0415
+
+    from floorline.edge.bundle.archive import pack  # noqa: PLC0415
+    from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
+    from floorline.edge.bundle.report import describe  # noqa: PLC0415
+    from floorline.edge.errors import IntegrityError  # noqa: PLC0415
+    from tests.daemon_harness import EXAMPLE  # noqa: PLC0415
+
+    good = pack(EXAMPLE, tmp_path / "good.tar")
+    with Bundle.open(good) as bundle:
+        assert f"path       {good}" in describe(bundle)
+    work = tmp_path / "bad"
+    shutil.copytree(EXAMPLE, work)
+    with (work / "model.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    bad = pack(work, tmp_path / "bad.tar")
+    with pytest.raises(IntegrityError) as info:
+        Bundle.open(bad)
+    assert str(bad) in str(info.value)
+    assert "floorline-bundle-" not in str(info.value)

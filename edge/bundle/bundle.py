@@ -114,6 +114,8 @@ class Bundle:
         self.signed_by = signed_by
         self.golden = golden
         self._owned_dir = owned_dir
+        self.source = path
+        """What was opened: the bundle directory, or the archive ``path`` was unpacked from."""
 
     @classmethod
     def open(
@@ -135,10 +137,16 @@ class Bundle:
             workdir = Path(tempfile.mkdtemp(prefix="floorline-bundle-"))
             try:
                 unpacked = archive.unpack(path, workdir / "bundle", limits)
-                return cls._open_dir(unpacked, trusted_keys, require_signature, owned=workdir)
+                bundle = cls._open_dir(unpacked, trusted_keys, require_signature, owned=workdir)
+            except BundleError as exc:
+                shutil.rmtree(workdir, ignore_errors=True)
+                # Name the archive the user gave, not the temporary directory it was unpacked to.
+                raise type(exc)(str(exc).replace(str(workdir / "bundle"), str(path))) from exc
             except BaseException:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise
+            bundle.source = path
+            return bundle
         if not path.is_dir():
             raise BundleError(f"{path}: no such bundle directory or archive")
         return cls._open_dir(path, trusted_keys, require_signature, owned=None)

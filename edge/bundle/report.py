@@ -32,7 +32,7 @@ def describe(bundle: Bundle) -> str:
     features = ", ".join(f"{f.name}[{f.unit}]" if f.unit else f.name for f in inp.features)
     lines = [
         f"bundle     {m.name} {m.version} ({m.task.value})",
-        f"path       {bundle.path}",
+        f"path       {bundle.source}",
         f"manifest   sha256 {bundle.manifest_sha256}; {signed}; all file hashes verified",
         f"created    {m.created_at} by floorline-convert {m.converter_version}",
         f"source     {m.source.name} ({m.source.format}, sha256 {m.source.sha256[:16]}…)",
