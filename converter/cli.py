@@ -518,23 +518,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _copy_signed_dir(src: Path, out: Path, sig_name: str, sig: bytes, force: bool) -> None:
-    from floorline.edge.bundle.bundle import staging_dir  # noqa: PLC0415
+    from floorline.edge.bundle.bundle import install, staging_dir  # noqa: PLC0415
 
+    if out.exists() and not force:
+        raise UsageError(f"--out {out}: exists; use --force to replace it")
     with staging_dir(out) as staging:
         for item in src.iterdir():
             if item.name != sig_name:
                 shutil.copy2(item, staging / item.name)
         (staging / sig_name).write_bytes(sig)
-        staging.chmod(0o755)
-        if out.exists():
-            if not force:
-                raise UsageError(f"--out {out}: exists; use --force to replace it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
+        install(staging, out, overwrite=True)
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:

@@ -292,6 +292,15 @@ def commit(
         from floorline.edge.bundle.signing import sign  # noqa: PLC0415 - see the TYPE_CHECKING note
 
         (staging / SIGNATURE_FILE).write_bytes(sign(manifest_bytes, signing_key).to_bytes())
+    return install(staging, dest, overwrite=overwrite)
+
+
+def install(staging: Path, dest: Path, *, overwrite: bool = False) -> Path:
+    """Make the complete bundle directory STAGING appear at DEST at once (fsynced first).
+
+    With OVERWRITE an existing DEST is replaced: moved aside, STAGING renamed in, then removed,
+    so a reader sees the old bundle or the new one, never a mix.
+    """
     # mkdtemp made the staging directory 0700; a bundle is read by an unprivileged service user.
     staging.chmod(0o755)
     _fsync_tree(staging)
