@@ -1,7 +1,7 @@
 """Floorline against its ceilings: one run, one broker, every figure a ratio to what bounds it.
 
     .venv/bin/python -m tests.benchmark [--quick | --tiny] [--json bench-results.json]
-                                        [--profile DIR] [--keep]
+                                        [--no-train] [--profile DIR] [--keep]
 
 Starts its own mosquitto (``tests/mqtt_broker.Mosquitto``: 127.0.0.1, a free port, never the
 system broker) and measures, on the committed example bundle ``edge/models/pdm-classifier``:
@@ -21,7 +21,10 @@ system broker) and measures, on the committed example bundle ``edge/models/pdm-c
    daemon receipt, the daemon's own ``end_to_end``, and encoded → collector;
 5. the daemon's resident memory, and its time from process start to READY=1 on $NOTIFY_SOCKET;
 6. the naive way (``tests/naive_baseline.py``: paho, ``json.loads``, Keras ``model.predict``)
-   on the same per-sample stream, searched the same way.
+   on the same per-sample stream, searched the same way. It needs the trained Keras model
+   (``.work/pdm/pdm.keras``): when that is missing the benchmark trains it once, or, with
+   ``--no-train`` (the smoke test), skips this part only and says so (``"naive": {"skipped":
+   why}``, the target marked skipped, a line in the table).
 
 With ``--profile DIR`` it then py-spies the daemon at the sustained rates it found (speedscope
 files in DIR, top functions in the output), breaks its memory down by import, and measures the
@@ -49,8 +52,8 @@ How it measures, and why:
   collector's receipt of its prediction, on ``time.monotonic()`` in both processes (Linux
   CLOCK_MONOTONIC is system-wide).
 
-Not part of the test suite (``tests/test_benchmark_smoke.py`` runs ``--tiny``); nothing is
-downloaded at run time. docs/benchmarks.md records a run.
+Not part of the test suite (``tests/test_benchmark_smoke.py`` runs ``--tiny --no-train``);
+nothing is downloaded at run time. docs/benchmarks.md records a run.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "edge" / "models" / "pdm-classifier"
 KERAS_MODEL = ROOT / ".work" / "pdm" / "pdm.keras"
 KERAS_CARD = ROOT / ".work" / "pdm" / "card.yaml"
+NAIVE_SKIPPED = (f"needs {KERAS_MODEL.relative_to(ROOT)} (python -m "
+                 "floorline.converter.examples.pdm makes it; --no-train does not train)")
+"""Why the naive way was not run: its ``skipped`` under ``--no-train`` without the Keras model."""
 
 Protocol = Literal["3.1.1", "5"]
 Kind = Literal["sample", "binary", "json_block"]
@@ -173,6 +179,7 @@ FULL = Budget(ceiling_s=3.0, ceiling_bursts=2, step_s=4.0, steps=6, block_step_s
 QUICK = Budget(ceiling_s=1.0, ceiling_bursts=1, step_s=1.5, steps=3, block_step_s=1.5,
                block_steps=3, naive_steps=1, latency_s=3.0, backend_s=0.3, warmup_s=0.5)
 # The smoke test's: every section once, in seconds; 8 assets so the naive way's step stays short.
+# Its naive way runs only when the Keras model is already there (it passes --no-train).
 TINY = Budget(ceiling_s=0.4, ceiling_bursts=1, step_s=0.4, steps=1, block_step_s=0.4,
               block_steps=1, naive_steps=1, latency_s=0.5, backend_s=0.1, warmup_s=0.2, assets=8)
 
@@ -439,16 +446,27 @@ def _network_loop(client: mqtt.Client, stop: threading.Event) -> None:
         client.loop(timeout=0.05)
 
 
-def _connect_and_subscribe(client: mqtt.Client, port: int, topic_filter: str) -> threading.Event:
+def _connect_and_subscribe(
+    client: mqtt.Client, port: int, topic_filter: str
+) -> Callable[[], None]:
+    """Connect, subscribe, run the network loop on a thread; returns what stops that thread."""
     subscribed = threading.Event()
     client.on_subscribe = lambda *_: subscribed.set()
     client.connect(HOST, port, keepalive=60)
     client.subscribe(topic_filter, 0)
     stop = threading.Event()
-    threading.Thread(target=_network_loop, args=(client, stop), daemon=True).start()
+    loop = threading.Thread(target=_network_loop, args=(client, stop), daemon=True)
+    loop.start()
     if not subscribed.wait(10):
         raise TimeoutError(f"no SUBACK for {topic_filter}")
-    return stop
+
+    def halt() -> None:
+        # Joined, not just told: floorline's reader has one writer, and the caller's
+        # disconnect() writes next (racing the loop's own writes raised BufferError).
+        stop.set()
+        loop.join(5)
+
+    return halt
 
 
 @dataclass
@@ -525,7 +543,7 @@ def counter_main(
         conn.recv()
         timeline.append((time.monotonic(), count))
         conn.send(_timeline_rate(timeline))
-    stop.set()
+    stop()
     client.disconnect()
 
 
@@ -559,7 +577,7 @@ def echo_main(
     conn.send("ready")
     conn.recv()
     conn.send(received)
-    stop.set()
+    stop()
     client.disconnect()
 
 
@@ -1764,7 +1782,12 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Each goal, the figure it is judged on, and whether it was met (goals, not asserts)."""
     out: list[dict[str, Any]] = []
 
-    def add(goal: str, value: float | None, limit: float, *, at_least: bool, unit: str) -> None:
+    def add(goal: str, value: float | None, limit: float, *, at_least: bool, unit: str,
+            skipped: str | None = None) -> None:
+        if skipped is not None:  # not measured: neither met nor missed
+            out.append({"goal": goal, "value": None, "limit": limit, "unit": unit, "met": None,
+                        "skipped": skipped})
+            return
         met = value is not None and (value >= limit if at_least else value <= limit)
         out.append({"goal": goal, "value": value, "limit": limit, "unit": unit, "met": met})
 
@@ -1788,8 +1811,9 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"start to READY <= 1 s (MQTT {p}; "
             f"{r['daemon_sample'][p]['startup']['source']})",
             r["daemon_sample"][p]["startup"]["seconds"], 1.0, at_least=False, unit="s")
-    add("per-sample sustained >= 20 x the naive way (MQTT 3.1.1)", r["naive"]["speedup"], 20.0,
-        at_least=True, unit="x")
+    naive = r["naive"]
+    add("per-sample sustained >= 20 x the naive way (MQTT 3.1.1)", naive.get("speedup"), 20.0,
+        at_least=True, unit="x", skipped=naive.get("skipped"))
     return out
 
 
@@ -1859,16 +1883,22 @@ def table(r: dict[str, Any]) -> str:
         row(f"  start to {'READY' if d['startup']['ready_s'] is not None else 'online'}",
             d["startup"]["seconds"], "s", "goal 1 s", _ratio(d["startup"]["seconds"], 1.0))
     n = r["naive"]
-    row("naive way (paho + json + model.predict), MQTT 3.1.1", n["sustained"], "msg/s",
-        "bare MQTT 3.1.1", _ratio(n["sustained"], c["bare"]["3.1.1"]["rate"]))
-    row("  daemon / naive", n["speedup"], "x", "goal 20", _ratio(n["speedup"], 20.0))
+    if "skipped" in n:
+        # The reason is in the goals below: too long for the "against" column.
+        row("naive way (paho + json + model.predict), MQTT 3.1.1", None, "",
+            "skipped: no Keras model")
+    else:
+        row("naive way (paho + json + model.predict), MQTT 3.1.1", n["sustained"], "msg/s",
+            "bare MQTT 3.1.1", _ratio(n["sustained"], c["bare"]["3.1.1"]["rate"]))
+        row("  daemon / naive", n["speedup"], "x", "goal 20", _ratio(n["speedup"], 20.0))
 
     width = max(len(w) for w, *_ in rows)
     against = max(len(a) for _, _, a, _ in rows)
     lines = [f"{'figure':<{width}}  {'value':>14}  {'against':<{against}} ratio"]
     lines += [f"{w:<{width}}  {v:>14}  {a:<{against}} {q}".rstrip() for w, v, a, q in rows]
     lines.append("")
-    lines += [f"{'met   ' if t['met'] else 'MISSED'} {t['goal']}: {t['value']} {t['unit']}"
+    lines += [f"SKIPPED {t['goal']}: {t['skipped']}" if "skipped" in t
+              else f"{'met   ' if t['met'] else 'MISSED'} {t['goal']}: {t['value']} {t['unit']}"
               for t in r["targets"]]
     return "\n".join(lines)
 
@@ -1934,9 +1964,13 @@ def _say(text: str) -> None:
     print(text, flush=True)  # progress must show when the output goes to a file or a pipe
 
 
-def run(budget: Budget, work: Path, *, profile: Path | None,
+def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
         say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Every measurement, in one run on one broker; returns the results document."""
+    """Every measurement, in one run on one broker; returns the results document.
+
+    Without TRAIN and without the Keras model, the naive way is skipped (and says why); every
+    other section runs.
+    """
     started = time.monotonic()
 
     def log(text: str) -> None:  # every line says when, so slow sections are easy to see
@@ -1992,12 +2026,16 @@ def run(budget: Budget, work: Path, *, profile: Path | None,
             blocks[kind] |= ceiling_ratios(blocks[kind]["sustained"], c, block_protocol, kind)
         results["daemon_block"] = blocks
 
-        log("naive way")
-        # Stock paho is what the naive script receives with: its ceiling bounds it.
-        naive = measure_naive(bench, c["bare"]["3.1.1"]["rate"], log)
-        naive["speedup"] = (round(results["daemon_sample"]["3.1.1"]["sustained"]
-                                  / naive["sustained"], 1) if naive["sustained"] else None)
-        results["naive"] = naive
+        if not train and not KERAS_MODEL.is_file():
+            log(f"naive way: skipped: {NAIVE_SKIPPED}")
+            results["naive"] = {"skipped": NAIVE_SKIPPED}
+        else:
+            log("naive way")
+            # Stock paho is what the naive script receives with: its ceiling bounds it.
+            naive = measure_naive(bench, c["bare"]["3.1.1"]["rate"], log)
+            naive["speedup"] = (round(results["daemon_sample"]["3.1.1"]["sustained"]
+                                      / naive["sustained"], 1) if naive["sustained"] else None)
+            results["naive"] = naive
         results["targets"] = evaluate_targets(results)
         results["elapsed_s"] = round(time.monotonic() - started, 1)
 
@@ -2038,6 +2076,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="seconds per section, one step per search: for the smoke test only")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"),
                         help="where to write the results (default bench-results.json)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="without .work/pdm/pdm.keras, skip the naive way (and say so) "
+                        "instead of training it once")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy the daemon at its sustained rates into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -2048,7 +2089,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="floorline-bench-"))
     command = "python -m tests.benchmark " + " ".join(argv)
     try:
-        results = run(budget, work, profile=args.profile)
+        results = run(budget, work, profile=args.profile, train=not args.no_train)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -2060,6 +2101,8 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in results:
         print()
         print(profile_text(results))
+    if "skipped" in results["naive"]:
+        print(f"\nnaive way: skipped: {results['naive']['skipped']}")
     print(f"\n{results['counters']}; elapsed {results['elapsed_s']} s"
           + (f" (+ {results['profile_elapsed_s']} s profiles and experiments)"
              if "profile_elapsed_s" in results else ""))
