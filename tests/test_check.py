@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -159,6 +160,22 @@ def test_connect_never_takes_over_the_gateways_own_session(mosquitto, mqtt_clien
     assert check(cfg, "--connect") == 0
     assert gateway.connected.is_set()
     assert "closing old connection" not in mosquitto.log_text()
+
+
+def test_connect_tries_a_shared_subscription_in_a_group_of_its_own(mosquitto, mqtt_client,
+                                                                    tmp_path, capsys):
+    # Joining the gateways' share group would take part of the live stream, and mosquitto hands
+    # what an unacknowledging member held to nobody else: check subscribes its own group.
+    member = mqtt_client(mosquitto)
+    member.subscribe("$share/line1/plant/+/+/vibration", qos=1)
+    cfg = write_config(tmp_path, pipeline(subscribe='["$share/line1/plant/+/+/vibration"]',
+                                          extra="    share_dispatch: sticky\n"),
+                       broker_yaml(mosquitto))
+    assert check(cfg, "--connect") == 0
+    out = capsys.readouterr().out
+    group = f"line1-check-{os.getpid()}"
+    assert f"subscriptions acknowledged: $share/{group}/plant/+/+/vibration" in out
+    assert "$share/line1/" not in out
 
 
 def test_connect_without_a_broker_fails_at_once_with_the_reason(tmp_path, capsys):

@@ -39,6 +39,7 @@ PAGES = (
     "bundles.md",
     "config.md",
     "reliability.md",
+    "scale-out.md",
     "fleet.md",
     "operations.md",
     "consuming.md",

@@ -530,7 +530,8 @@ def test_a_slow_model_never_starves_the_network_thread(mosquitto, mqtt_client, u
             time.sleep(0.005)
         stats = daemon.stats()
     assert stats["connects"] == 1  # never dropped: keepalive answered throughout
-    assert stats["pipelines"]["vibration"]["dropped_inbox_full"] > 0  # bounded, counted
+    pipe = stats["pipelines"]["vibration"]
+    assert pipe["dropped_inbox_full"] + pipe["shed"] > 0  # bounded (assets shed first), counted
 
 
 def _simple(prefix: str) -> str:

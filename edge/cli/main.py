@@ -28,6 +28,7 @@ import numpy as np
 from floorline.edge import __version__
 from floorline.edge.backends import BackendOptions
 from floorline.edge.errors import FloorlineError
+from floorline.edge.mqtt.topics import shared_group, shared_subscription_filter
 
 if TYPE_CHECKING:
     from floorline.edge.config.model import BrokerConfig, Config
@@ -395,12 +396,26 @@ def _check_pipeline(config: Config, index: int) -> str:
         loaded.bundle.close()
 
 
+def _check_filter(topic_filter: str) -> str:
+    """The filter ``check --connect`` subscribes for TOPIC_FILTER.
+
+    A shared subscription is tried in a group of its own: joining the gateways' group would take
+    a share of the live stream, and mosquitto 2.0 passes what an unacknowledging member held to
+    nobody else (docs/scale-out.md). Its own group still tests the broker's $share support and
+    the ACL on the filter.
+    """
+    group = shared_group(topic_filter)
+    if group is None:
+        return topic_filter
+    return f"$share/{group}-check-{os.getpid()}/{shared_subscription_filter(topic_filter)}"
+
+
 def _check_connection(config: Config, timeout: float) -> bool:
     """Connect as configured (TLS, credentials), subscribe every pipeline's filters; report.
 
     A client of its own (``<client id>-check``, clean session) so a running gateway keeps its
-    connection and its persistent session; it never acknowledges what it receives (a shared
-    subscription's broker hands such messages to another member) and leaves at the SUBACK.
+    connection and its persistent session; it never acknowledges what it receives and leaves at
+    the SUBACK. Shared subscriptions are tried in a group of their own (``_check_filter``).
     """
     from floorline.edge.mqtt.transport import MqttTransport, SessionOptions  # noqa: PLC0415
 
@@ -408,7 +423,8 @@ def _check_connection(config: Config, timeout: float) -> bool:
     address = f"{broker.host}:{broker.port}"
     filters: dict[str, int] = {}
     for pc in config.pipelines:
-        for topic_filter in pc.subscribe:
+        for configured in pc.subscribe:
+            topic_filter = _check_filter(configured)
             filters[topic_filter] = max(filters.get(topic_filter, 0), pc.qos)
     try:
         transport = MqttTransport(

@@ -49,6 +49,7 @@ from floorline.edge.errors import (
     FloorlineError,
     SelfTestError,
 )
+from floorline.edge.mqtt.topics import shared_filter_error, shared_group
 from floorline.edge.outputs import MqttOutputConfig, OutputConfig
 from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 from floorline.edge.service.metrics import MetricsConfig
@@ -375,11 +376,39 @@ class PipelineConfig(_Strict):
         description="A candidate bundle run beside this pipeline's on the same windows, compared "
         "and reported (docs/config.md, Shadow models); it never affects the predictions.",
     )
+    share_dispatch: Literal["round_robin", "sticky"] = Field(
+        default="round_robin",
+        description="How the broker spreads a `$share/<group>/...` subscription's messages over "
+        "the gateways in the group (docs/scale-out.md). round_robin: any message may go to any "
+        "gateway, so a pipeline whose windows span messages (one sample per message, or "
+        "window.hop) is refused. sticky: every message of an asset reaches the same gateway "
+        "(e.g. EMQX shared_subscription_strategy = hash_topic with the asset in the topic); "
+        "trusted, and logged once as an assumption.",
+    )
 
     @field_validator("subscribe")
     @classmethod
     def _filters(cls, value: list[str]) -> list[str]:
+        for v in value:
+            if (error := shared_filter_error(v)) is not None:
+                raise ValueError(error)
         return [_check_filter(v) for v in value]
+
+    def shared_filters(self) -> list[str]:
+        """The ``$share/<group>/...`` filters among ``subscribe``."""
+        return [f for f in self.subscribe if shared_group(f) is not None]
+
+    def spanning_reason(self) -> str | None:
+        """Why this pipeline's windows surely span messages, or None when the config cannot tell.
+
+        Only the config is read: how many samples a binary, csv or json-block message holds is
+        the sender's choice, so for those the answer is None (``Generation`` warns instead).
+        """
+        if self.window.hop is not None:
+            return "window.hop: overlapping windows take samples from two messages"
+        if self.decoder.type == "json" and getattr(self.decoder, "samples", None) is None:
+            return "json decoder without samples: one sample per message"
+        return None
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -437,7 +466,30 @@ class PipelineConfig(_Strict):
                     "header timestamp_sequence / a 'sequence' column) so redelivered messages "
                     "are recognised"
                 )
+        self._check_sharing()
         return self
+
+    def _check_sharing(self) -> None:
+        # A round-robin shared subscription hands each gateway some of an asset's messages: a
+        # window that needs samples from several messages would be built from whichever reached
+        # this gateway (or cut at every gap). One line: what is wrong, then the fixes.
+        shared = self.shared_filters()
+        if not shared:
+            if "share_dispatch" in self.model_fields_set:
+                raise ValueError("share_dispatch: set, but no subscribe filter is a "
+                                 "$share/<group>/... shared subscription, so it would be ignored")
+            return
+        why = self.spanning_reason()
+        if self.share_dispatch == "round_robin" and why is not None:
+            raise ValueError(
+                f"subscribe: {shared[0]!r} is a round-robin shared subscription but this "
+                f"pipeline's windows span messages ({why}), so each gateway would get only some "
+                "of an asset's samples; fix: send blocks of whole windows with tumbling windows "
+                "(no window.hop), or subscribe without $share/ and give each gateway its own "
+                "assets' topics, or set share_dispatch: sticky if the broker sends all of an "
+                "asset's messages to one gateway (EMQX shared_subscription_strategy = "
+                "hash_topic); docs/scale-out.md"
+            )
 
 
 # Per decoder type: the key that names the asset in the payload, and how to stop it doing so.
@@ -470,6 +522,15 @@ class LimitsConfig(_Strict):
     )
     drain_timeout_s: float = Field(
         default=5.0, ge=0, description="On shutdown, how long workers may finish queued work."
+    )
+    overload: Literal["shed_assets", "drop_newest"] = Field(
+        default="shed_assets",
+        description="What an `ack: receipt` pipeline does when its inbox fills faster than it "
+        "drains. shed_assets: drop all the input of a few assets (chosen by a stable hash of the "
+        "asset key, as few as needed, for as long as needed) so the others keep whole windows; "
+        "counted as `shed`. drop_newest: drop each new message that does not fit, whichever its "
+        "asset (every drop breaks that asset's window). Durable pipelines never shed: the "
+        "broker's flow control (MQTT 5 Receive Maximum) holds their input back instead.",
     )
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from floorline.edge.config.model import Config
 from floorline.edge.daemon.journal import WindowJournal
 from floorline.edge.daemon.pipeline import Pipeline
 from floorline.edge.mqtt.topics import shared_subscription_filter
+
+log = logging.getLogger(__name__)
+
+_WARNED: set[tuple[str, str, str]] = set()
+"""(gateway, pipeline, warning) already logged: a reload or a fleet push does not repeat one."""
 
 
 @dataclass
@@ -28,6 +34,11 @@ class Generation:
             (shared_subscription_filter(f), p) for p in self.pipelines for f in p.config.subscribe
         ]
         self.max_payload = min((p.max_payload for p in self.pipelines), default=0)
+        for name, text in sharing_warnings(self.pipelines):
+            key = (self.config.gateway.id, name, text)
+            if key not in _WARNED:
+                _WARNED.add(key)
+                log.warning("%s", text)
 
     def subscriptions(self) -> dict[str, int]:
         """Topic filter → QoS for every pipeline."""
@@ -56,6 +67,40 @@ class Generation:
                         p.model.bundle.close()
                     finally:
                         p.close_shadow()
+
+
+def sharing_warnings(pipelines: list[Pipeline]) -> list[tuple[str, str]]:
+    """(pipeline, warning) for each pipeline behind a shared subscription that rests on a guess.
+
+    The config refuses what surely breaks windows (``PipelineConfig.spanning_reason``); what is
+    left rests on the broker's dispatch (``share_dispatch: sticky``) or on the sender's message
+    size, which no config states (a binary, csv or json-block message may hold any number of
+    samples). Each warning names that assumption. A window of one sample never spans messages.
+    """
+    out = []
+    for p in pipelines:
+        pc = p.config
+        shared = pc.shared_filters()
+        size = p.model.bundle.manifest.input.window
+        if not shared or size == 1:
+            continue
+        if pc.share_dispatch == "sticky":
+            text = (
+                f"pipeline {p.name}: share_dispatch: sticky: assuming the broker sends every "
+                f"message of an asset on {shared[0]} to the same gateway (e.g. EMQX "
+                "shared_subscription_strategy = hash_topic); if it does not, this gateway sees "
+                f"only some of an asset's samples and its {size}-sample windows are cut at every "
+                "gap (or, without sequence numbers and timestamps, mixed); docs/scale-out.md"
+            )
+        else:
+            text = (
+                f"pipeline {p.name}: {shared[0]} is a round-robin shared subscription: windows "
+                f"stay whole only if every {pc.decoder.type} message holds whole windows "
+                f"({size} samples, or a multiple), which the config cannot tell; shorter "
+                "messages split an asset's windows between gateways; docs/scale-out.md"
+            )
+        out.append((p.name, text))
+    return out
 
 
 @dataclass(frozen=True)

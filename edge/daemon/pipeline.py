@@ -24,7 +24,12 @@ Shadow (``shadow``): a candidate model beside the pipeline's runs on the same wi
 batch's predictions were submitted, and is compared and reported (``daemon.shadow``). Whatever it
 does, the pipeline's own predictions, dead letters and acknowledgements stay as they were.
 
-Counting input: ``received`` counts every message offered (queued, dropped or refused) on
+Overload (``ack: receipt``, ``limits.overload: shed_assets``): when the inbox fills, whole assets
+are shed on arrival rather than single messages of every asset (``floorline.edge.daemon.shedding``),
+counted ``shed``; a marker in the inbox tells the worker where a shed gap starts, and that asset's
+window starts afresh there. The inbox's bounds stay as the last resort (``dropped_inbox_full``).
+
+Counting input: ``received`` counts every message offered (queued, shed, dropped or refused) on
 arrival; the worker dead-letters it later. ``health`` gives the counts a probation compares,
 taken so that the dead letters between any two readings are never more than the input between
 them (issue 14, finding 5).
@@ -46,6 +51,7 @@ from floorline.edge.daemon.inbox import Inbox
 from floorline.edge.daemon.journal import WindowJournal
 from floorline.edge.daemon.models import close_model
 from floorline.edge.daemon.shadow import ShadowRunner
+from floorline.edge.daemon.shedding import GAP, Shedder
 from floorline.edge.decoders import make_decoder
 from floorline.edge.delivery.outbox import SeqMarks
 from floorline.edge.delivery.publisher import Predictions
@@ -141,6 +147,13 @@ class Pipeline:
         self.inbox: Inbox[Inbound] = Inbox(
             limits.inbox_size, None if self._durable else limits.inbox_bytes, _queued_bytes
         )
+        self.shedder: Shedder | None = None
+        """Sheds whole assets when the inbox fills (``ack: receipt`` with ``shed_assets``)."""
+        if not self._durable and limits.overload == "shed_assets":
+            # Durable pipelines never shed: that would lose input the broker would redeliver,
+            # and with MQTT 5 the broker's receive maximum holds it back before the inbox fills.
+            self.shedder = Shedder(self.inbox, config.asset.topic_segment,
+                                   max_count=limits.inbox_size, max_bytes=limits.inbox_bytes)
         features = [f.name for f in self._spec.features]
         self._decoder = make_decoder(config.decoder, features, config.name)
         self._windower = Windower(self._spec.window, len(features), config.window)
@@ -175,9 +188,15 @@ class Pipeline:
                 raise
         self._segment = config.asset.topic_segment
         self._assets: dict[str, str | None] = {}
+        # Assets named in payloads are shed by topic: topic -> shed gaps so far, and asset ->
+        # (topic, gaps) when it was last fed, so each asset starts afresh after its topic's gap.
+        self._gaps: dict[str, int] = {}
+        self._fed: dict[str, tuple[str, int]] = {}
+        self._max_fed = 2 * config.window.max_assets
         self._held: list[tuple[int, int]] = []  # processed, not yet released (durable)
         self._touched: set[str] = set()
-        # Written by paho's thread only: received, dropped_inbox_full. The rest by the worker.
+        # Written by paho's thread only: received, shed, dropped_inbox_full. The rest by the
+        # worker.
         self.counters: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
         # The worker's side of ``health``: messages taken from the inbox, messages it
@@ -191,6 +210,9 @@ class Pipeline:
         """What ended the worker thread, if an exception did."""
         self._drops_logged = 0  # paho's thread
         self._drop_log_at = 0.0  # paho's thread
+        self._sheds_logged = 0  # paho's thread
+        self._shed_log_at = 0.0  # paho's thread
+        self._shedding = False  # paho's thread: whether assets were shed at the last offer
         self._errors_unlogged = 0  # worker
         self._error_log_at = 0.0  # worker
         self._stop = threading.Event()
@@ -230,12 +252,55 @@ class Pipeline:
         The caller (the router) has refused payloads over ``max_payload`` already.
         """
         self.counters["received"] += len(items)
+        shedder = self.shedder
+        if shedder is not None and shedder.engaged():
+            self._offer_shedding(shedder, items)
+            return
         rest = self.inbox.put_many(items)
         if rest:
             self._dropped(rest)
 
-    def _dropped(self, rest: list[Inbound]) -> None:
-        dropped = self.counters["dropped_inbox_full"] + len(rest)
+    def _offer_shedding(self, shedder: Shedder, items: list[Inbound]) -> None:
+        """Queue ITEMS but those of the assets shed now, with a marker where a gap starts."""
+        kept, shed = shedder.split(items)
+        rest = self.inbox.put_many(kept) if kept else []
+        unmarked = 0
+        if rest:  # the hard bound: messages and markers refused
+            rest, failed = shedder.unmark(rest)
+            if failed:  # gaps without a marker are plain drops, as without shedding
+                unmarked = sum(1 for key in shed if key in failed)
+        if shed:
+            self.counters["shed"] += len(shed) - unmarked
+        if rest or unmarked:
+            self._dropped(rest, unmarked)
+        shedding = shedder.controller.threshold > 0
+        if shedding or self._shedding:
+            self._log_shedding(shedder, shedding)
+
+    def _log_shedding(self, shedder: Shedder, shedding: bool) -> None:
+        # On paho's thread: one line per interval at most, as for drops.
+        was, self._shedding = self._shedding, shedding
+        now = time.monotonic()
+        if now < self._shed_log_at:
+            return
+        total = self.counters["shed"]
+        if shedding:
+            assets, known = shedder.shedding()
+            log.warning(
+                "pipeline %s: overloaded (inbox %d%% full); shedding %d of %d assets whole, "
+                "%d messages shed since the last report, %d in all", self.name,
+                round(shedder.fill() * 100), assets, known, total - self._sheds_logged, total,
+            )
+        elif was:
+            log.info("pipeline %s: no longer shedding; %d messages shed in all", self.name, total)
+        else:
+            return
+        self._sheds_logged = total
+        self._shed_log_at = now + _LOG_EVERY_S
+
+    def _dropped(self, rest: list[Inbound], more: int = 0) -> None:
+        """REST did not fit the inbox (and MORE messages not queued were dropped with them)."""
+        dropped = self.counters["dropped_inbox_full"] + len(rest) + more
         self.counters["dropped_inbox_full"] = dropped
         tokens = [m.token for m in rest if m.token is not None]
         if tokens and self._release is not None:
@@ -339,6 +404,10 @@ class Pipeline:
             held = self._held
             self._taken += len(items)
             for topic, payload, received, token in items:
+                if token is GAP:  # not a message: a shed gap starts here (daemon.shedding)
+                    self._taken -= 1
+                    self._after_gap(topic)
+                    continue
                 try:
                     self._handle(topic, payload, received)
                 except Exception as exc:  # noqa: BLE001 - this message only: dead-lettered
@@ -429,6 +498,29 @@ class Pipeline:
             self._assets[topic] = asset
         return asset
 
+    def _after_gap(self, topic: str) -> None:
+        """TOPIC's messages were shed from here on: its asset's window starts afresh."""
+        self.counters["shed_gaps"] += 1
+        if self._segment is None:  # the assets are in the payloads: see each one's next message
+            self._gaps[topic] = self._gaps.get(topic, 0) + 1
+            return
+        asset = self._asset_of(topic)
+        if asset is not None:
+            self._windower.forget(asset)  # its window counter goes on (Windower.forget)
+
+    def _gapped(self, topic: str, asset: str) -> None:
+        """ASSET from TOPIC, a topic that had a shed gap: start afresh if it is its first since."""
+        gaps = self._gaps.get(topic)
+        if gaps is None:
+            return
+        mark = (topic, gaps)
+        if self._fed.get(asset) != mark:
+            # Not seen on TOPIC since its last gap (or not since tracking began): start afresh.
+            if len(self._fed) >= self._max_fed:  # bounded; forgetting costs a partial window
+                self._fed.clear()
+            self._fed[asset] = mark
+            self._windower.forget(asset)
+
     def _handle(self, topic: str, payload: bytes, received: float) -> None:
         size = len(payload)
         try:
@@ -436,7 +528,12 @@ class Pipeline:
             if samples is None:  # understood, but no samples in it (e.g. a birth certificate)
                 self.counters["control"] += 1
                 return
-            asset = samples.asset if self._segment is None else self._asset_of(topic)
+            if self._segment is None:
+                asset = samples.asset
+                if self._gaps and asset:
+                    self._gapped(topic, asset)
+            else:
+                asset = self._asset_of(topic)
             windows = self._windower.push(asset, samples, received) if asset else None
         except DecodeError as exc:
             self._reject(exc.reason, topic, size, exc.detail)
@@ -520,7 +617,8 @@ class Pipeline:
         """
         taken, dead, failed = self._tally
         refused = self.dead_letters["too_large"]  # paho's thread: received and refused at once
-        dropped = self.counters["dropped_inbox_full"]
+        # Also on arrival, never dead letters: shed and dropped messages count as input only.
+        dropped = self.counters["dropped_inbox_full"] + self.counters["shed"]
         return taken + refused + dropped, dead + refused, failed
 
     def close_shadow(self) -> None:
@@ -539,6 +637,8 @@ class Pipeline:
             "window_resets": dict(self._windower.resets),
             "duplicates": self._windower.duplicates,
         }
+        if self.shedder is not None:
+            out["shed_assets"] = self.shedder.shedding()[0]
         if self.shadow is not None:
             out.update(self.shadow.counters())
             out["shadow"] = self.shadow.document()

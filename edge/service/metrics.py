@@ -171,6 +171,8 @@ _PIPELINE_COUNTERS = (
     ("messages_received", "received", "Messages offered to the pipeline (before the inbox)."),
     ("messages_decoded", "decoded", "Messages decoded into samples."),
     ("messages_dropped", "dropped_inbox_full", "Messages dropped because the inbox was full."),
+    ("messages_shed", "shed",
+     "Messages shed on overload: whole assets at a time (limits.overload: shed_assets)."),
     ("windows", "windows", "Windows completed."),
     ("batches", "batches", "Inference calls (batches)."),
     ("predictions", "predictions", "Predictions handed to the publisher."),
@@ -181,6 +183,7 @@ _PIPELINE_COUNTERS = (
 _PIPELINE_GAUGES = (
     ("inbox_messages", "queued", "Messages waiting in the inbox."),
     ("pending_samples", "pending_samples", "Samples held towards the next windows."),
+    ("shed_assets", "shed_assets", "Assets whose messages are being shed now (overload)."),
 )
 _HISTOGRAMS = (
     ("batch_size", "Windows per inference call."),
@@ -497,6 +500,7 @@ def _pipeline_summary(
         "received": int(totals["received"]),
         "decoded": int(_num(p.get("decoded"))),
         "dropped": int(_num(p.get("dropped_inbox_full"))),
+        "shed": int(_num(p.get("shed"))),
         "dead_letters": dead,
         "windows": int(_num(p.get("windows"))),
         "predictions": int(totals["predictions"]),
