@@ -155,6 +155,44 @@ def test_a_marker_the_inbox_refuses_is_tried_again_with_the_next_shed_message():
     assert [m.token for m in kept] == [GAP]
 
 
+def test_input_after_a_pause_with_the_inbox_drained_resumes_every_asset_and_forgets_them():
+    # The benchmark found it: a stream that stopped while assets were shed left the threshold
+    # up, and the next stream's (new) assets started out shed, at a tenth of capacity.
+    now = [0.0]
+    inbox: Inbox[Inbound] = Inbox(100)
+    shedder = Shedder(inbox, -2, max_count=100, max_bytes=1 << 20, clock=lambda: now[0])
+    old = [f"plant/old{i}/v" for i in range(50)]
+    inbox.put_many([_item("plant/filler/v")] * 90)
+    for step in range(8):  # overloaded and rising: the shed set grows
+        now[0] = step * GROW_S
+        assert shedder.engaged()
+        shedder.split([_item(t) for t in old])
+        shedder.controller.update(0.9 + step / 100, now[0])
+    assert shedder.controller.shed() > 10
+    inbox.get_many(100)  # the worker drains; the stream stops
+    now[0] += HOLD_S / 2
+    assert shedder.engaged()  # input again after half a hold period: still shedding
+    now[0] += HOLD_S
+    assert not shedder.engaged()  # after a pause of a hold period: over
+    assert (shedder.controller.threshold, shedder.controller.known()) == (0, 0)
+    new = [_item(f"plant/new{i}/v") for i in range(50)]
+    assert shedder.split(new) == (new, [])
+
+
+def test_a_pause_with_the_inbox_still_full_keeps_shedding():
+    now = [0.0]
+    inbox: Inbox[Inbound] = Inbox(100)
+    shedder = Shedder(inbox, -2, max_count=100, max_bytes=1 << 20, clock=lambda: now[0])
+    inbox.put_many([_item("plant/filler/v")] * 90)  # a stalled worker: nothing is taken
+    assert shedder.engaged()
+    shedder.split([_item(f"plant/a{i}/v") for i in range(50)])
+    shedder.controller.update(0.95, 0.0)
+    shed = shedder.controller.shed()
+    now[0] = 3 * HOLD_S
+    assert shedder.engaged()
+    assert shedder.controller.shed() >= shed > 0
+
+
 # -- a pipeline at 1.1 x capacity -------------------------------------------------------------
 
 

@@ -18,6 +18,9 @@ Above :data:`HIGH` the shed set grows, at most every :data:`GROW_S`, doubling it
 fill still rises (the inbox holds ~0.1 s of a fast stream, so it must react within that); it holds
 while the fill falls or stays between the marks (hysteresis); below :data:`LOW` it shrinks, at most
 once per :data:`HOLD_S` so a resumed asset has time for whole windows before any other change.
+Input after a pause of a hold period or more, with the inbox drained, ends the overload: every
+asset resumes at once, and the keys are forgotten so a stream after a pause never starts out shed
+and streams that ended never dilute the steps.
 
 No window spans a shed gap: the first shed message of each gap enters the inbox as a marker (its
 payload left out, its token :data:`GAP`), after the asset's last kept message; the worker then
@@ -78,7 +81,8 @@ class Controller:
         self.threshold = 0
         """Keys hashing below it are shed (0: none)."""
         self._prev = 0.0  # the fill at the previous update
-        self._changed = -float("inf")  # when the threshold last moved
+        self.changed = -float("inf")
+        """When the threshold last moved (or the controller was reset)."""
         self._grows = 0  # consecutive grows (the step doubles with each)
         self._shrinks = 0  # consecutive shrinks
 
@@ -113,11 +117,18 @@ class Controller:
         if fill > LOW or not self.threshold:
             self._shrinks = 0
             return 0
-        if now - self._changed < HOLD_S:
+        if now - self.changed < HOLD_S:
             return 0
         moved = self._move(-self._step(self._shrinks), now)
         self._shrinks = min(self._shrinks + 1, _MAX_DOUBLINGS)
         return moved
+
+    def reset(self, now: float) -> None:
+        """Shed nothing and forget every key (they are known again as they arrive)."""
+        self._hashes = []
+        self.threshold = 0
+        self.changed = now
+        self._grows = self._shrinks = 0
 
     def _step(self, doublings: int) -> int:
         # One asset, or 1/64 of them when there are many, doubled per consecutive step.
@@ -131,7 +142,7 @@ class Controller:
             return 0
         # 0 when none is shed (not the smallest hash): "threshold 0" is the cheap idle test.
         self.threshold = 0 if after == 0 else hashes[after] if after < len(hashes) else NEVER
-        self._changed = now
+        self.changed = now
         return after - before
 
 
@@ -153,6 +164,7 @@ class Shedder:
         self._keys: dict[str, tuple[str | None, int]] = {}  # topic -> (key, hash)
         self._gapped: dict[str, int] = {}  # key -> hash: its gap is marked, it has not resumed
         self._tick_at = -float("inf")
+        self._offered = -float("inf")  # the last offer seen while engaged
 
     def fill(self) -> float:
         """The inbox fill: the larger of its count and byte shares (0..1)."""
@@ -170,12 +182,26 @@ class Shedder:
             return False  # the common case: two reads of the inbox, no clock, no lookup
         fill = max(count * self._per_count, weight * self._per_byte)
         now = self.clock()
+        quiet, self._offered = now - self._offered >= HOLD_S, now
+        if quiet and fill < LOW:
+            # The first input after a pause of a hold period or more, with the inbox drained:
+            # the overload is over. Resume every asset at once rather than one step per hold
+            # period, and forget the keys, so a stream after a pause (new assets, say) does not
+            # start out shed and streams that ended do not dilute the steps.
+            self.reset()
+            return False
         if now >= self._tick_at:
             self._tick_at = now + GROW_S
             if self.controller.update(fill, now) < 0:  # resumed keys: a new gap needs a marker
                 threshold = self.controller.threshold
                 self._gapped = {k: h for k, h in self._gapped.items() if h < threshold}
         return True
+
+    def reset(self) -> None:
+        """Shed nothing; forget the keys and their gaps."""
+        self.controller.reset(self.clock())
+        self._keys.clear()
+        self._gapped.clear()
 
     def _key(self, topic: str) -> tuple[str | None, int]:
         key: str | None = topic
