@@ -19,11 +19,21 @@ from typing import Any
 
 import pytest
 
-from tests.benchmark import BLOCK_KINDS, KERAS_MODEL, NAIVE_SKIPPED, PROTOCOLS, ROOT
+from tests.benchmark import (
+    BLOCK_KINDS,
+    KERAS_MODEL,
+    NAIVE_SKIPPED,
+    OVERLOAD_PROTOCOL,
+    PROTOCOLS,
+    QOS1_PROTOCOLS,
+    ROOT,
+    TINY,
+)
 
 pytestmark = pytest.mark.slow
 
-SECTIONS = ("machine", "budget", "ceilings", "daemon_sample", "daemon_block", "naive", "targets")
+SECTIONS = ("machine", "budget", "ceilings", "daemon_sample", "daemon_block", "two_instances",
+            "workers", "naive", "targets")
 NAIVE_GOAL = "per-sample sustained >= 20 x the naive way (MQTT 3.1.1)"
 
 
@@ -39,7 +49,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """One tiny benchmark run, shared by the tests below (it takes ~30 s on two cores)."""
+    """One tiny benchmark run, shared by the tests below (it takes ~30-40 s on two cores)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "tests.benchmark", "--tiny", "--no-train", "--json", str(out)],
@@ -66,42 +76,93 @@ def test_tiny_benchmark_writes_every_section_with_sane_numbers(tiny: Run) -> Non
     results = tiny.results
     # No worker, daemon or client died on the way (their tracebacks land in the output).
     assert "Traceback" not in tiny.stdout + tiny.stderr, tiny.tail()
-    assert "against floorline reader" in tiny.stdout, tiny.tail()
+    assert "against stock paho" in tiny.stdout, tiny.tail()
 
     for section in SECTIONS:
         assert section in results, f"no {section} section"
     ceilings = results["ceilings"]
     for protocol in PROTOCOLS:
-        # Stock paho (the goals' measure) and floorline's own reader (the daemon's), each.
-        for bare, echo in (("bare", "echo"), ("bare_floorline", "echo_floorline")):
+        # Stock paho and floorline's own reader (the per-sample goal's ceiling), each fed by the
+        # closed-loop generator, which was ahead of them (idle some of the time).
+        for bare in ("bare", "bare_floorline"):
             assert ceilings[bare][protocol]["rate"] > 0, bare
-            for kind in BLOCK_KINDS:
-                assert ceilings[echo][protocol][kind]["rate"] > 0, echo
+            assert 0 <= ceilings[bare][protocol]["generator_idle"] <= 1, bare
+        c_client = ceilings["bare_c"][protocol]
+        assert c_client.get("rate", 0) > 0 or "mosquitto_sub" in c_client["skipped"], c_client
         sample = results["daemon_sample"][protocol]
         assert sample["search"]["steps"], "the per-sample search made no step"
-        # Searched up to the faster of the two bare subscribers, reported against both.
+        # Searched up to the faster of the two bare subscribers, reported against all three.
         bound = max(ceilings[b][protocol]["rate"] for b in ("bare", "bare_floorline"))
         assert sample["search"]["bracket"][1] == round(bound, 1)
-        assert isinstance(sample["ratio"], float)
-        assert isinstance(sample["ratio_floorline"], float)
+        for key in ("ratio", "ratio_floorline", "ratio_paho"):
+            assert isinstance(sample[key], float), key
         assert sample["startup"]["seconds"] > 0
         assert sample["rss_mb"]["after_warm_up"] > 0
+        for when in ("after_warm_up", "after_load"):
+            memory = sample["memory_mb"][when]
+            assert 0 < memory["pss"] <= memory["rss"], memory
+            assert memory["processes"] >= 1, memory
         # The daemon predicted windows: at the light warm-up rate, and in its search.
         warm = sample["warm_up"]
         assert 0 < warm["predictions"] <= warm["expected"], warm
         assert warm["duplicates"] == 0, warm
         assert sum(s["predictions"] for s in sample["search"]["steps"]) > 0
+        assert (sample["overload"] is not None) == (protocol == OVERLOAD_PROTOCOL)
+    for protocol in QOS1_PROTOCOLS:
+        for kind in BLOCK_KINDS:
+            for echo in ("echo", "echo_floorline", "echo_qos1", "echo_qos1_floorline"):
+                found = ceilings[echo][protocol][kind]
+                assert found["rate"] > 0, (echo, kind)
+                assert found["echo_received"] > 0, (echo, kind)
+                assert found["qos"] == (1 if "qos1" in echo else 0)
+
+    overload = results["daemon_sample"][OVERLOAD_PROTOCOL]["overload"]
+    assert [p["factor"] for p in overload["points"]] == list(TINY.overload_factors)
+    assert overload["base_rate"] > 0
+    for point in overload["points"]:
+        assert 0 <= point["windows_predicted"] <= 1, point
+        assert point["predictions"] <= point["expected"], point
+        # Counters come from the stats topic; shed only where the daemon reports it.
+        assert point["dropped"] is None or point["dropped"] >= 0, point
+        assert point["shed"] is None or point["shed"] >= 0, point
+
     for kind in BLOCK_KINDS:
         block = results["daemon_block"][kind]
         assert block["search"]["steps"]
-        bound = max(ceilings[e]["5"][kind]["rate"] for e in ("echo", "echo_floorline"))
+        # Searched up to the faster QoS 1 echo (the goal's ceiling), reported against all four.
+        bound = max(ceilings[e]["5"][kind]["rate"] for e in ("echo_qos1", "echo_qos1_floorline"))
         assert block["search"]["bracket"][1] == round(bound, 1)
-        assert isinstance(block["ratio_floorline"], float)
+        for key in ("ratio", "ratio_floorline", "ratio_qos0", "ratio_qos0_floorline"):
+            assert isinstance(block[key], float), key
         assert sum(s["predictions"] for s in block["search"]["steps"]) > 0, kind
+        step = block["search"]["steps"][0]
+        assert {"daemon", "broker"} <= set(step["cpu_split"]), step["cpu_split"]
+
+    pair = results["two_instances"]
+    if "skipped" in pair:  # the daemon refused the $share subscription: said, not hidden
+        assert "two daemons on a shared subscription: skipped" in tiny.stdout, tiny.tail()
+    else:
+        assert pair["share"].startswith("$share/")
+        assert pair["steps"] >= 1
+        assert 0 <= pair["exact_steps"] <= pair["steps"]
+        best = pair["best_step"]
+        assert best["predictions"] <= best["expected"], best
+        # The broker spread the stream over both daemons; both used CPU.
+        assert len(best["by_daemon"]) == 2, best
+        assert all(n > 0 for n in best["by_daemon"].values()), best
+        assert {"daemon a", "daemon b", "broker"} <= set(best["cpu_split"]), best
+        assert len(pair["memory_mb"]) == 2
+
+    workers = results["workers"]
+    if not workers["implemented"]:  # no invented numbers, and the report says so
+        assert workers["skipped"].startswith("not implemented"), workers
+        assert "multi-worker run: not implemented" in tiny.stdout, tiny.tail()
+    else:
+        assert workers["search"]["steps"], workers
     backend = results["ceilings"]["backend"]
     assert backend["batch1_windows_s"] > 0
     assert backend["batch32_windows_s"] > 0
-    assert len(results["targets"]) >= 6
+    assert len(results["targets"]) >= 10
     for target in results["targets"]:
         if "skipped" in target:  # the naive way's, without the Keras model: neither met nor not
             assert target["met"] is None, target
