@@ -2,16 +2,18 @@
 
 A message is written here *before* it is handed to the MQTT client and deleted when the broker
 acknowledges it, so a disconnect, a daemon restart or a crash (SIGKILL) loses nothing: whatever is
-still pending is sent again, in id order, after the next connect. The intended loop (the daemon's
-flusher) is ``put_many`` from the workers, ``after(last_sent_id, n)`` → publish → remember the
-message ids, ``ack_many`` when the broker's PUBACK arrives, ``after(0, n)`` again after a reconnect,
-and ``expire()`` now and then. Delivery is at least once: a message whose ack was in flight when
-the process died is sent twice.
+still pending is sent again, in id order, after the next connect. The intended loop
+(``edge/delivery/publisher.py``): ``put_many`` from the workers, each of which publishes the
+messages it just put itself when nothing older is pending, and otherwise a flusher's
+``after(last_sent_id, n)`` → publish; either remembers the message ids; ``ack_many`` when the
+broker's PUBACK arrives, ``after(0, n)`` again after a reconnect, and ``expire()`` now and then.
+Delivery is at least once: a message whose ack was in flight when the process died is sent twice.
 
 Storage is one SQLite file in WAL mode. ``synchronous=NORMAL`` (the default) survives a process
 crash; ``fsync: true`` (``synchronous=FULL``) also survives power loss, at the price of an fsync per
 transaction. Ids come from ``AUTOINCREMENT``, so they only ever grow, across deletes and restarts;
-the flusher's "send everything after id N" relies on that.
+the publisher's "send everything after id N" relies on that, and on no other call's ids falling
+among those of one ``put_many`` (one writer at a time, under the lock).
 
 Bounds: ``max_bytes`` of payload (the oldest messages are dropped to make room) and ``max_age_s``
 (``expire()`` drops older messages). Every drop is counted by reason in ``Outbox.dropped``.

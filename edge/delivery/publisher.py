@@ -1,18 +1,38 @@
 """Publishing through the outbox: nothing with QoS ≥ 1 is lost to a broker outage or a crash.
 
-Workers ``submit`` messages. QoS 1/2 messages are committed to the outbox first, then a flusher
-thread publishes them in outbox order, at most ``max_inflight`` unacknowledged at a time, and
-deletes each when the broker's PUBACK arrives. While disconnected, messages accumulate in the
-outbox (bounded by bytes and age there); after a reconnect the flusher continues in order. A
-daemon restart resends whatever the outbox still holds.
+Workers ``submit`` messages. QoS 1/2 messages are committed to the outbox first (one transaction
+per submit, with the predictions' counters), then handed to paho in outbox id order, at most
+``max_inflight`` unacknowledged at a time, and deleted when the broker's PUBACK arrives. While
+disconnected, messages accumulate in the outbox (bounded by bytes and age there); after a
+reconnect they go on in order. A daemon restart resends whatever the outbox still holds.
+
+Who hands rows to paho. When nothing older waits (every earlier row handed over, no resync after
+a reconnect, connected, room in flight), the submitting thread hands its own rows to paho right
+after the commit, the QoS 0 messages of the same submit in their places: a prediction goes from
+the worker to the network thread, which writes the whole run in one turn (one hand-off, nothing
+read back). Otherwise the submit only wakes the flusher thread, which reads rows back from the
+outbox (``after``) in id order: a backlog, a reconnect, a full window. What keeps the order:
+every hand-over happens under ``_lock``, and only of the rows right after ``_cursor``; whichever
+thread comes first hands over the oldest rows, and the other finds them handed.
 
 Paho resends its own unacknowledged messages after a reconnect, so rows already handed to paho
-are not handed over again, and nothing newer is sent until those resends are acknowledged: paho
-resends from its network thread while this one could already be sending newer rows, and the
-broker would then see them out of order. (If paho's resends are not acknowledged within
-``resync_timeout`` they are handed over again, from the outbox, in order.) The mapping from
-paho's message id to outbox row lives here, updated only on the flusher thread (paho calls
-``on_published`` with its own locks held, so that callback only appends to a queue).
+are not handed over again, and nothing newer is handed over until those resends are acknowledged:
+paho queues its resends on the network thread, and a newer row queued first would overtake them.
+(If paho's resends are not acknowledged within ``resync_timeout`` they are handed over again,
+from the outbox, in order.) Hand-overs are queued inside the transport's ``publishing()``, during
+which no new connection can begin: a run that saw the connection up, and no connection newer than
+the last resync (``_connects``, which ``on_connected`` raises before ``connected`` is set), lies
+entirely ahead of whatever paho resends after the next reconnect.
+
+Threads. Paho calls ``on_published`` and ``on_connected`` on its network thread with its own locks
+held: they only append to ``_acked`` and count ``_connects``, never taking ``_lock`` (whose holders
+call into paho). Everything else about the hand-over (``_inflight``, ``_handed``, ``_cursor``,
+``_resync_until``, ``_done``, the counters) is read and written only with ``_lock`` held, by a
+submitting thread or the flusher. Only the flusher thread deletes acknowledged rows and begins a
+resync (which reads the outbox from the start), so the two never interleave. A thread records a
+message id in the same hold of ``_lock`` as it publishes, and PUBACKs are matched under ``_lock``:
+no PUBACK is seen before its row is known (so none is kept for later, where it could match a
+reused id).
 
 Delivery is at least once: a crash between the broker's PUBACK and the outbox delete resends a
 message. Predictions carry (asset, seq) for consumers to de-duplicate; a pipeline submits them as
@@ -26,9 +46,10 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from floorline.edge.delivery.outbox import Outbox, SeqMarks
+from floorline.edge.delivery.outbox import Outbox, OutMessage, SeqMarks
 from floorline.edge.messages import Outbound
 
 log = logging.getLogger(__name__)
@@ -40,6 +61,7 @@ _EXPIRE_EVERY_S = 60.0
 # once, as any crash between PUBACK and delete would).
 _DELETE_EVERY = 64
 _DELETE_AFTER_S = 0.02
+_IDLE_S = 0.2  # the flusher's nap with nothing in flight (a submit or a connect wakes it)
 
 
 class Predictions(list[Outbound]):
@@ -64,6 +86,8 @@ class _Transport(Protocol):
 
     def publish_tracked(self, topic: str, payload: bytes, qos: int, retain: bool) -> int | None: ...
 
+    def publishing(self) -> AbstractContextManager[bool]: ...
+
 
 class Publisher:
     """Owns the outbox and the flusher thread."""
@@ -74,17 +98,25 @@ class Publisher:
         self._max_inflight = max_inflight
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # Written by paho's network thread without _lock: PUBACKs, and connections made.
         self._acked: collections.deque[int] = collections.deque()
-        self._inflight: dict[int, int] = {}  # paho mid → outbox id; flusher thread only
-        self._handed: set[int] = set()  # outbox ids paho holds; flusher thread only
-        self._early: dict[int, float] = {}  # PUBACKs seen before their mid was recorded
-        self._done: list[int] = []  # acknowledged outbox ids not yet deleted; flusher thread only
-        self._done_since = 0.0
-        self._cursor = 0
+        self._connects = 0
+        # The hand-over's state: _lock held for every read and write (see the module docstring).
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # paho mid → outbox id
+        self._handed: set[int] = set()  # outbox ids paho holds (it resends them itself)
+        self._cursor = 0  # every pending row up to this id is handed over (or skipped)
+        self._resynced = 0  # _connects when the last resync began
         self._resync_until: float | None = None
+        self._done: list[int] = []  # acknowledged outbox ids not yet deleted
+        self._done_since = 0.0
+        self._hungry = False  # the flusher waits for PUBACKs (room, resends): wake it on each
         self.resync_timeout = 5.0
         self._last_expire = time.monotonic()
         self.published = 0
+        """QoS ≥ 1 outbox rows handed to paho (again after a resync timeout)."""
+        self.published_direct = 0
+        """Of those, handed by the submitting thread itself (no flusher turn)."""
         self.delivered = 0
         self.dropped_qos0 = 0
         self.refused = 0
@@ -102,6 +134,10 @@ class Publisher:
     def submit(self, messages: Sequence[Outbound], *, keep: bool = True) -> None:
         """Send MESSAGES: QoS 0 at once (dropped while disconnected), QoS ≥ 1 via the outbox.
 
+        When nothing older waits in the outbox, the calling thread hands the messages to the
+        connection itself, in their order, QoS 0 ones included; otherwise the QoS ≥ 1 ones wait
+        for the flusher and QoS 0 ones go at once (ahead of them).
+
         With KEEP false, QoS ≥ 1 messages skip the outbox and go to the connection's own queue
         (resent after a reconnect, not after a restart): for a retained state that the next
         connection replaces anyway, outbox space and a resend after a restart would be waste.
@@ -114,11 +150,17 @@ class Publisher:
         """
         durable = [m for m in messages if m.qos > 0] if keep else []
         marks = messages.marks if isinstance(messages, Predictions) else None
+        ids: list[int] = []
         if durable or marks is not None:
             # Before any QoS 0 send below: a prediction's counter is stored before it can arrive.
-            self.outbox.put_many(durable, marks)
+            ids = self.outbox.put_many(durable, marks)
         t = self._transport
-        for topic, payload, qos, retain in messages:
+        start = 0
+        if durable and t is not None and len(ids) == len(durable):
+            start = self._hand_over(t, messages, ids)
+            if start == len(messages):
+                return
+        for topic, payload, qos, retain in messages[start:] if start else messages:
             if qos == 0:
                 if t is not None and t.connected.is_set():
                     t.publish(topic, payload, 0, retain)
@@ -133,18 +175,77 @@ class Publisher:
         if durable:
             self._wake.set()
 
+    def _hand_over(self, t: _Transport, messages: Sequence[Outbound], ids: list[int]) -> int:
+        """Hand MESSAGES (their QoS ≥ 1 ones just put as IDS) to paho now if nothing older waits.
+
+        Rows another thread committed just before (it has not reached this point yet) are
+        handed over first, in id order; that thread then finds them handed. Returns how many of
+        MESSAGES were handed over, from the first: all of them, none (the flusher's turn: a
+        backlog, a resync, no connection, no room), or those before one paho's full queue
+        refused.
+        """
+        with self._lock:
+            self._settle_acks()
+            older = self._older(ids)
+            if older is None:
+                return 0
+            with t.publishing() as up:
+                # Read after `up`: a connection made since the check above counts here.
+                if not up or self._connects != self._resynced:
+                    return 0
+                for row in older:
+                    mid = t.publish_tracked(row.topic, row.payload, row.qos, row.retain)
+                    if mid is None:
+                        return 0  # paho's queue is full: the flusher takes it from here
+                    self._track(mid, row.id)
+                    self.published_direct += 1
+                mine = iter(ids)
+                for i, (topic, payload, qos, retain) in enumerate(messages):
+                    if qos == 0:
+                        t.publish(topic, payload, 0, retain)
+                        continue
+                    mid = t.publish_tracked(topic, payload, qos, retain)
+                    if mid is None:
+                        return i
+                    self._track(mid, next(mine))
+                    self.published_direct += 1
+                return len(messages)
+
+    def _older(self, ids: list[int]) -> list[OutMessage] | None:
+        """The rows to hand over ahead of IDS (``_lock`` held); None if it is not our turn.
+
+        None: a resync is due or running, there is no room for all, IDS were handed over already
+        (by the flusher or another submit), or what lies between ``_cursor`` and them is more than
+        fits (a backlog: the flusher's).
+        """
+        room = self._max_inflight - len(self._inflight) - len(ids)
+        if self._resync_until is not None or self._connects != self._resynced or room < 0:
+            return None
+        if ids[0] == self._cursor + 1:
+            return []
+        if ids[0] <= self._cursor:
+            return None
+        rows = self.outbox.after(self._cursor, room + 1)
+        older = [row for row in rows if row.id < ids[0]]
+        return older if len(older) < len(rows) else None
+
     def on_published(self, mid: int) -> None:
-        """Paho's PUBACK callback (network thread, paho locks held): only queue the id."""
-        # Every PUBACK wakes the flusher: waking it only in bulk was measured cheaper, but it
-        # made flush turns longer, and a long turn that straddles a reconnect can send a new
-        # message ahead of paho's resends of older ones (tests/test_faults.py caught it).
+        """Paho's PUBACK callback (network thread, paho locks held): only queue the id.
+
+        Paho also reports its QoS 0 messages here, once written; their ids match no row.
+        """
         self._acked.append(mid)
-        self._wake.set()
+        if self._hungry:
+            self._wake.set()
 
     def on_connected(self) -> None:
-        """After a (re)connect: let paho's resends land, then continue in outbox order."""
-        self._cursor = 0
-        self._resync_until = time.monotonic() + self.resync_timeout
+        """After a (re)connect, before ``connected`` is set: let paho's resends land first.
+
+        Network thread, paho locks held: counts the connection and wakes the flusher, which
+        begins the resync. Until it has, no thread hands a row over.
+        """
+        self._connects += 1
+        self._hungry = True  # the resync waits for PUBACKs of paho's resends
         self._wake.set()
 
     def wait_empty(self, timeout: float) -> bool:
@@ -164,20 +265,58 @@ class Publisher:
         if self._thread.is_alive():
             self._thread.join(5)
         if not self._thread.is_alive():
-            self._settle_acks()
-            self._delete_done(force=True)
+            with self._lock:
+                self._settle_acks()
+                done = self._take_done(force=True)
+            self.outbox.ack_many(done)
         self.outbox.close()
+
+    # -- with _lock held ------------------------------------------------------------------
+
+    def _track(self, mid: int, row: int) -> None:
+        self._inflight[mid] = row
+        self._handed.add(row)
+        self._cursor = row
+        self.published += 1
+
+    def _settle_acks(self) -> None:
+        acked, inflight = self._acked, self._inflight
+        while acked:
+            row = inflight.pop(acked.popleft(), None)
+            if row is None:
+                continue  # a QoS 0 message's, a keep=False one's, or from before a resync
+            self._handed.discard(row)
+            if not self._done:
+                self._done_since = time.monotonic()
+            self._done.append(row)
+            self.delivered += 1
+
+    def _take_done(self, *, force: bool) -> list[int]:
+        """The acknowledged rows to delete now (all with FORCE, else when enough are due)."""
+        done = self._done
+        if done and (
+            force
+            or len(done) >= _DELETE_EVERY
+            or time.monotonic() - self._done_since >= _DELETE_AFTER_S
+        ):
+            self._done = []
+            return done
+        return []
 
     # -- flusher thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(_DELETE_AFTER_S if self._acked or self._done else 0.2)
+            busy = self._acked or self._done or self._inflight
+            self._wake.wait(_DELETE_AFTER_S if busy else _IDLE_S)
             self._wake.clear()
             try:
-                self._settle_acks()
-                self._delete_done(force=False)
-                self._flush()
+                with self._lock:
+                    self._settle_acks()
+                    self._flush()
+                    done = self._take_done(force=False)
+                # Outside the lock: submitting threads need not wait for a delete.
+                self.outbox.ack_many(done)
                 now = time.monotonic()
                 if now - self._last_expire > _EXPIRE_EVERY_S:
                     self._last_expire = now
@@ -186,45 +325,21 @@ class Publisher:
                 log.exception("publisher: flush failed; retrying")
                 self._stop.wait(1.0)
 
-    def _settle_acks(self) -> None:
-        while self._acked:
-            mid = self._acked.popleft()
-            row = self._inflight.pop(mid, None)
-            if row is None:
-                self._early[mid] = time.monotonic()
-                continue
-            self._handed.discard(row)
-            self._mark_done(row)
-        if self._early:
-            # An early PUBACK is matched within microseconds; an old one must never match a
-            # later message that reuses the id (ids wrap at 65535).
-            cutoff = time.monotonic() - 5.0
-            self._early = {m: t for m, t in self._early.items() if t > cutoff}
-
-    def _mark_done(self, row: int) -> None:
-        if not self._done:
-            self._done_since = time.monotonic()
-        self._done.append(row)
-        self.delivered += 1
-
-    def _delete_done(self, *, force: bool) -> None:
-        done = self._done
-        if done and (
-            force
-            or len(done) >= _DELETE_EVERY
-            or time.monotonic() - self._done_since >= _DELETE_AFTER_S
-        ):
-            self._done = []
-            self.outbox.ack_many(done)
-
     def _flush(self) -> None:
+        """Hand over what follows ``_cursor``, in id order (``_lock`` held, flusher thread)."""
         t = self._transport
         if t is None or not t.connected.is_set():
             return
+        if self._connects != self._resynced:
+            # A new connection: read from the start again, skipping what paho holds.
+            self._resynced = self._connects
+            self._cursor = 0
+            self._resync_until = time.monotonic() + self.resync_timeout
         if self._resync_until is not None:
             # Reading from the start again: acknowledged rows must be gone by then.
-            self._delete_done(force=True)
+            self.outbox.ack_many(self._take_done(force=True))
             if self._handed and time.monotonic() < self._resync_until:
+                self._hungry = True
                 return  # paho is resending older messages; newer ones must not overtake them
             if self._handed:
                 log.warning("publisher: %d resends unacknowledged after reconnect; resending "
@@ -232,29 +347,25 @@ class Publisher:
                 self._handed.clear()
                 self._inflight.clear()
             self._resync_until = None
+        self._hungry = True  # until it finds nothing more to hand over
         room = self._max_inflight - len(self._inflight)
-        while room > 0 and t.connected.is_set():
+        while room > 0:
             # Rows paho already holds (it resends them itself after a reconnect) are skipped.
             rows = self.outbox.after(self._cursor, room + len(self._handed))
             if not rows:
+                self._hungry = False
                 return
-            for row in rows:
-                if row.id in self._handed:
-                    self._cursor = row.id
-                    continue
-                if room <= 0 or self._resync_until is not None or not t.connected.is_set():
-                    # Full, or the connection dropped or came back during this turn. Paho
-                    # resends older messages only after its CONNACK handling; a row sent in
-                    # between would overtake them. So stop here and resync first.
-                    return
-                mid = t.publish_tracked(row.topic, row.payload, row.qos, row.retain)
-                if mid is None:
-                    return  # paho's queue is full; this row and the rest go next turn
-                self._cursor = row.id
-                self.published += 1
-                room -= 1
-                if self._early.pop(mid, None) is not None:
-                    self._mark_done(row.id)
-                else:
-                    self._handed.add(row.id)
-                    self._inflight[mid] = row.id
+            with t.publishing() as up:
+                if not up or self._connects != self._resynced:
+                    return  # the connection dropped or came back: resync first, next turn
+                for row in rows:
+                    if row.id in self._handed:
+                        self._cursor = row.id
+                        continue
+                    if room <= 0:
+                        return
+                    mid = t.publish_tracked(row.topic, row.payload, row.qos, row.retain)
+                    if mid is None:
+                        return  # paho's queue is full; this row and the rest go next turn
+                    self._track(mid, row.id)
+                    room -= 1

@@ -18,6 +18,13 @@ One thread writes: only the network thread touches the socket. ``publish``, ``pu
 wakes the loop), and the loop writes them in the order they were queued, gathered into as few
 ``send`` calls as the kernel takes (``edge/mqtt/reader.py`` ``BufferedSocket``).
 
+Runs of messages that must keep their order across a reconnect go through ``publishing()``: it
+holds the send lock, which the network thread also takes to clear ``connected`` before it opens a
+new connection. So a run queued while ``connected`` is set belongs to the connection that was up
+when it began (paho resends what it did not get acknowledged, oldest first), never to a new
+socket before its CONNACK (paho resends the older messages only then: a newer one would overtake
+them). A run wakes the network thread once, at its end, so it leaves in one write turn.
+
 Liveness, for the daemon's health check: ``last_loop`` is the ``time.monotonic()`` of the network
 thread's last turn (it turns at least every 0.5 s, connected or not, except while a connect
 attempt blocks, at most paho's 5 s connect timeout); ``is_alive(max_age_s)`` is True while the
@@ -172,6 +179,12 @@ class MqttTransport:
         # not one per message as paho's own socket pair would.
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._client.on_socket_register_write = self._wake_loop
+        # Held by publishing() and by the network thread while it clears `connected` before a
+        # new connection (see the module docstring). Order: a caller's own locks, then this one,
+        # then paho's; the network thread takes it holding none of paho's.
+        self._send_lock = threading.Lock()
+        self._run_owner: int | None = None  # the thread in publishing(): its wake-up waits
+        self._wake_due = False
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -337,7 +350,8 @@ class MqttTransport:
                 first = False
                 if self._serve():
                     delays = self._delays()  # it was up: the next outage starts from the minimum
-            self.connected.clear()
+            with self._send_lock:  # no publishing() run may straddle the next connection
+                self.connected.clear()
             self.subscribed.clear()
             if not self._closing.is_set():
                 self._outage_begins(time.monotonic())
@@ -350,6 +364,9 @@ class MqttTransport:
     def _wake_loop(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # paho's on_socket_register_write, on whichever thread queued a packet.
         del client, userdata, sock
+        if self._run_owner is not None and self._run_owner == threading.get_ident():
+            self._wake_due = True  # publishing() wakes the loop once, when its run is queued
+            return
         wake = self._wake
         if wake is not None:
             with contextlib.suppress(OSError):  # full: a wake-up is pending anyway; closed: stopped
@@ -580,6 +597,27 @@ class MqttTransport:
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
         """Queue a message; returns paho's MQTTMessageInfo (its ``mid`` names the PUBACK)."""
         return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[bool]:
+        """Hold the connection still while queueing a run of messages; yields ``connected``.
+
+        While inside, the network thread cannot begin a new connection, so everything queued
+        here while ``connected`` was set is ahead of anything a later connection sends, and
+        paho's resends after a reconnect keep it in order (see the module docstring). Inside,
+        ``publish`` and ``publish_tracked`` only queue; the network thread is woken once, at the
+        end, and writes the run in one turn. Keep the run short: other publishing threads, and a
+        reconnect, wait for it.
+        """
+        with self._send_lock:
+            self._run_owner = threading.get_ident()
+            try:
+                yield self.connected.is_set()
+            finally:
+                self._run_owner = None
+                if self._wake_due:
+                    self._wake_due = False
+                    self._wake_loop(self._client, None, None)
 
     def publish_tracked(self, topic: str, payload: bytes, qos: int, retain: bool) -> int | None:
         """Publish; return paho's message id, or None if paho refused it (its queue is full).
