@@ -1722,6 +1722,54 @@ def measure_backend(seconds: float) -> dict[str, Any]:
     return out
 
 
+def measure_sparkplug_decode(seconds: float) -> dict[str, Any]:
+    """Ceiling: the ``sparkplug`` decoder in-process on DDATA with 3 metrics by alias, msg/s.
+
+    Beside it the ``json`` decoder on the same sample (3 features, ts, seq), measured the same way
+    in the same run, as the ratio's reference. Payloads are built with the generated protobuf
+    module; the decoder has seen the node's NBIRTH and the device's DBIRTH first.
+    """
+    from floorline.edge.decoders import make_decoder  # noqa: PLC0415
+    from floorline.edge.decoders.json import JsonDecoderConfig  # noqa: PLC0415
+    from floorline.edge.decoders.sparkplug import SparkplugDecoderConfig  # noqa: PLC0415
+    from floorline.edge.sparkplug import sparkplug_b_pb2 as pb  # noqa: PLC0415
+
+    names = ("accel_x", "accel_y", "accel_z")
+    birth = pb.Payload(timestamp=1, seq=0)
+    birth.metrics.add(name="bdSeq", datatype=4, long_value=0)
+    dbirth = pb.Payload(timestamp=1, seq=1)
+    for i, name in enumerate(names):
+        dbirth.metrics.add(name=name, alias=i + 1, datatype=10, double_value=0.0)
+    ts = 1_700_000_000_000
+    messages = []
+    for k in range(256):  # one full seq cycle, so the loop below never makes a gap
+        p = pb.Payload(timestamp=ts + k, seq=(k + 2) % 256)
+        for i in range(3):
+            p.metrics.add(alias=i + 1, timestamp=ts + k, double_value=0.1 * k + i)
+        messages.append(p.SerializeToString())
+    topic = "spBv1.0/g/DDATA/n/d"
+    sp = make_decoder(SparkplugDecoderConfig(), names)
+    sp.decode(birth.SerializeToString(), "spBv1.0/g/NBIRTH/n")
+    sp.decode(dbirth.SerializeToString(), "spBv1.0/g/DBIRTH/n/d")
+    js = make_decoder(JsonDecoderConfig(timestamp="ts", sequence="seq"), names)
+    json_messages = [orjson.dumps({"ts": k / 1000, "seq": k, "accel_x": 0.1 * k,
+                                   "accel_y": 1.0, "accel_z": 2.0}) for k in range(256)]
+
+    def rate(decode: Any, payloads: list[bytes], topic: str) -> float:
+        n = 0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            for payload in payloads:
+                decode(payload, topic)
+            n += len(payloads)
+        return n / (time.monotonic() - start)
+
+    sparkplug = rate(sp.decode, messages, topic)
+    json_rate = rate(js.decode, json_messages, "plant/pump/vibration")
+    return {"ddata_3_metrics_msgs_s": round(sparkplug, 1), "json_3_features_msgs_s":
+            round(json_rate, 1), "ratio_to_json": round(sparkplug / json_rate, 3)}
+
+
 def _warm_up(bench: Bench, target: Target, kind: Kind, rate: float) -> Step:
     """A short stream before measuring: first inferences, allocations, SQLite pages."""
     return bench.step(target, kind, rate, bench.budget.warmup_s)
@@ -2479,6 +2527,10 @@ def table(r: dict[str, Any]) -> str:
     row("  LiteRT infer, batch 18", b["batch18_windows_s"], "win/s")
     row("  LiteRT infer, batch alternating 32/18", b["alternating_32_18_windows_s"], "win/s",
         "batch 32", _ratio(b["alternating_32_18_windows_s"], b["batch32_windows_s"]))
+    spd = c.get("sparkplug_decode")
+    if spd:
+        row("ceiling: Sparkplug B decode, DDATA 3 metrics", spd["ddata_3_metrics_msgs_s"],
+            "msg/s", "json decode, 3 features", spd["ratio_to_json"])
     for p in PROTOCOLS:
         d = r["daemon_sample"][p]
         row(f"daemon per-sample JSON, MQTT {p}", d["sustained"], "msg/s",
@@ -2694,6 +2746,10 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
             log(f"  echo binary, QoS 0 out, {READER_LABELS['paho-loop']}, MQTT 5: "
                 f"{found['binary']['rate']:,.0f}/s (diagnostic)")
         c["backend"] = backend
+        c["sparkplug_decode"] = measure_sparkplug_decode(budget.backend_s)
+        log(f"  Sparkplug B decode, DDATA 3 metrics: "
+            f"{c['sparkplug_decode']['ddata_3_metrics_msgs_s']:,.0f} msg/s "
+            f"({c['sparkplug_decode']['ratio_to_json']:.2f}x json)")
         results["ceilings"] = c
 
         results["daemon_sample"] = {}

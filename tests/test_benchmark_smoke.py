@@ -162,6 +162,10 @@ def test_tiny_benchmark_writes_every_section_with_sane_numbers(tiny: Run) -> Non
     backend = results["ceilings"]["backend"]
     assert backend["batch1_windows_s"] > 0
     assert backend["batch32_windows_s"] > 0
+    spd = results["ceilings"]["sparkplug_decode"]
+    assert spd["ddata_3_metrics_msgs_s"] > 0
+    assert spd["json_3_features_msgs_s"] > 0
+    assert "Sparkplug B decode" in tiny.stdout, tiny.tail()
     assert len(results["targets"]) >= 10
     for target in results["targets"]:
         if "skipped" in target:  # the naive way's, without the Keras model: neither met nor not

@@ -40,6 +40,7 @@ PAGES = (
     "config.md",
     "reliability.md",
     "scale-out.md",
+    "sparkplug.md",
     "fleet.md",
     "operations.md",
     "consuming.md",

@@ -71,8 +71,8 @@ def test_two_plugins_may_not_claim_one_type(plugin_root: Path) -> None:
 
 
 def test_the_shipped_plugins() -> None:
-    assert sorted(DECODERS) == ["binary", "csv", "json"]
-    assert sorted(OUTPUTS) == ["mqtt"]
+    assert sorted(DECODERS) == ["binary", "csv", "json", "sparkplug"]
+    assert sorted(OUTPUTS) == ["mqtt", "sparkplug"]
     assert list(BACKENDS) == ["litert", "onnx"]  # the order `backend: auto` prefers
     for plugin_type, plugin in DECODERS.items():
         assert plugin.config.model_fields["type"].default == plugin_type

@@ -472,13 +472,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        sparkplug=args.sparkplug,
     )
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from floorline.edge.config.model import BrokerConfig  # noqa: PLC0415
     from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator  # noqa: PLC0415
-    from floorline.edge.mqtt.transport import MqttTransport  # noqa: PLC0415
+    from floorline.edge.mqtt.transport import MqttTransport, Will  # noqa: PLC0415
 
     host, _, port = args.broker.rpartition(":")
     broker = BrokerConfig(host=host or "localhost", port=int(port or 1883),
@@ -487,17 +488,32 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         faults = [Fault.parse(f) for f in args.fault or []]
         plant = PlantConfig(assets=args.assets, line=args.line, rate=args.rate, mode=args.mode,
                             fmt=args.format, block=args.block, faults=faults, seed=args.seed,
-                            qos=args.qos)
-    except ValueError as exc:
+                            qos=args.qos, group=args.group)
+        publishing: list[MqttTransport] = []
+        sim = PlantSimulator(plant, lambda t, p: publishing[0].publish(t, p, plant.qos, False))
+    except (ValueError, FloorlineError) as exc:  # FloorlineError: protobuf missing (sparkplug)
         print(f"floorline: error: {exc}", file=sys.stderr)
         return 2
-    transport = MqttTransport(broker, f"floorline-sim-{os.getpid()}", lambda *_: None, [])
+    if plant.fmt == "sparkplug":
+        # A Sparkplug edge node: its NDEATH is the will, and it answers rebirth requests.
+        will_topic, will = sim.sparkplug_will()
+
+        def command(topic: str, payload: bytes, *_: object) -> None:
+            sim.command(topic, payload)
+
+        transport = MqttTransport(
+            broker, f"floorline-sim-{os.getpid()}", command,
+            [(f"spBv1.0/{plant.group}/NCMD/{plant.line}", 0)],
+            will=Will(will_topic, will, qos=1, retain=False),
+        )
+    else:
+        transport = MqttTransport(broker, f"floorline-sim-{os.getpid()}", lambda *_: None, [])
+    publishing.append(transport)
     transport.start()
     if not transport.wait_connected(10):
         print(f"floorline: error: no broker at {broker.host}:{broker.port}", file=sys.stderr)
         transport.stop()
         return 1
-    sim = PlantSimulator(plant, lambda t, p: transport.publish(t, p, plant.qos, False))
     print(f"simulating {plant.assets} assets at {plant.rate:g} samples/s each "
           f"({plant.mode}/{plant.fmt}) to {broker.host}:{broker.port}; Ctrl-C stops")
     try:
@@ -747,6 +763,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--metrics-port", type=int,
                       help="also serve Prometheus metrics on 127.0.0.1:PORT (0: any free port); "
                       "needs pip install 'floorline[metrics]'")
+    demo.add_argument("--sparkplug", action="store_true",
+                      help="the plant and the gateway speak Sparkplug B: sensor data in, "
+                      "predictions out as an edge node (needs pip install 'floorline[sparkplug]')")
     sim = sub.add_parser("simulate", help="publish a synthetic plant to a broker")
     sim.add_argument("--broker", default="localhost:1883", help="HOST:PORT (localhost:1883)")
     sim.add_argument("--protocol", choices=("3.1.1", "5"), default="3.1.1")
@@ -754,7 +773,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--line", default="line1")
     sim.add_argument("--rate", type=float, default=200.0, help="samples/s per asset")
     sim.add_argument("--mode", choices=("sample", "block"), default="sample")
-    sim.add_argument("--format", choices=("json", "binary"), default="json")
+    sim.add_argument("--format", choices=("json", "binary", "sparkplug"), default="json",
+                     help="sparkplug: the line is a Sparkplug B edge node, each asset a device "
+                     "(spBv1.0/GROUP/.../LINE; needs floorline[sparkplug])")
+    sim.add_argument("--group", default="plant", help="Sparkplug group id (--format sparkplug)")
     sim.add_argument("--block", type=int, default=64, help="samples per block message")
     sim.add_argument("--fault", action="append",
                      help="ASSET=CONDITION[@START_S][+RAMP_S][:SEVERITY] (repeat)")

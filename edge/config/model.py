@@ -404,6 +404,10 @@ class PipelineConfig(_Strict):
         Only the config is read: how many samples a binary, csv or json-block message holds is
         the sender's choice, so for those the answer is None (``Generation`` warns instead).
         """
+        if self.decoder.type == "sparkplug":
+            # Births and data are separate messages, and a node's seq runs over all of them.
+            return ("sparkplug decoder: a node's births define the aliases and seq its data is "
+                    "read with, and they are other messages than the data")
         if self.window.hop is not None:
             return "window.hop: overlapping windows take samples from two messages"
         if self.decoder.type == "json" and getattr(self.decoder, "samples", None) is None:
@@ -480,6 +484,16 @@ class PipelineConfig(_Strict):
                                  "$share/<group>/... shared subscription, so it would be ignored")
             return
         why = self.spanning_reason()
+        if self.share_dispatch == "round_robin" and self.decoder.type == "sparkplug":
+            raise ValueError(
+                f"subscribe: {shared[0]!r} is a round-robin shared subscription, but the "
+                "sparkplug decoder needs every message of an edge node (births define the "
+                "aliases and seq its data is read with), so births would reach one gateway and "
+                "data another; subscribe without $share/ and give each gateway its own edge "
+                "nodes, or set share_dispatch: sticky if the broker sends all of a client's "
+                "messages to one gateway (EMQX shared_subscription_strategy = hash_clientid); "
+                "docs/sparkplug.md#input"
+            )
         if self.share_dispatch == "round_robin" and why is not None:
             raise ValueError(
                 f"subscribe: {shared[0]!r} is a round-robin shared subscription but this "

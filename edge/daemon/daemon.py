@@ -47,6 +47,7 @@ from floorline.edge.daemon.journal import WindowJournal
 from floorline.edge.daemon.models import close_model, load_model, load_shadow
 from floorline.edge.daemon.pipeline import Pipeline
 from floorline.edge.daemon.routing import Handler, Router
+from floorline.edge.daemon.sparkplug_node import EdgeNodes
 from floorline.edge.daemon.state import bundle_info, state_document
 from floorline.edge.delivery.outbox import Outbox
 from floorline.edge.delivery.publisher import Publisher
@@ -86,6 +87,8 @@ class Daemon:
         self.journal: WindowJournal | None = None
         self.journal_error: str | None = None
         self.store: BundleStore | None = None
+        self.sparkplug: EdgeNodes | None = None
+        """Sparkplug edge nodes of ``sparkplug`` outputs: own connections (docs/sparkplug.md)."""
         self._apply_lock = threading.Lock()
         self._extra_subscriptions: list[str] = []
         self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
@@ -126,6 +129,8 @@ class Daemon:
         if outbox.depth():
             log.info("outbox holds %d undelivered messages from before; resending", outbox.depth())
         self.publisher = Publisher(outbox)
+        self.sparkplug = EdgeNodes(self.config.broker, self.config.client_id(), self.state_dir,
+                                   self.config.outbox, self.gateway)
         try:
             self.journal = WindowJournal(self.state_dir / "windows.sqlite")
         except (OSError, sqlite3.Error) as exc:
@@ -179,6 +184,7 @@ class Daemon:
                 observe=self.metrics.observe_batch,
                 shadow=shadow,
                 report=self._send_report,
+                sessions=self.sparkplug,
             )
         except BaseException:
             close_model(shadow)
@@ -223,6 +229,8 @@ class Daemon:
         self.acks.ack = self.transport.ack
         self.publisher.attach(self.transport)
         self.transport.start()
+        if self.sparkplug is not None:
+            self.sparkplug.start()
         self._monitor.start()
 
     def _subscriptions(self, gen: Generation) -> dict[str, int]:

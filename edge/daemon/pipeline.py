@@ -114,6 +114,7 @@ class Pipeline:
         observe: Callable[[str, int, float, list[float]], None] | None = None,
         shadow: LoadedModel | None = None,
         report: Submit | None = None,
+        sessions: object = None,
     ) -> None:
         """SHADOW: the loaded ``shadow`` model (``models.load_shadow``), needed when configured.
 
@@ -155,7 +156,8 @@ class Pipeline:
             self.shedder = Shedder(self.inbox, config.asset.topic_segment,
                                    max_count=limits.inbox_size, max_bytes=limits.inbox_bytes)
         features = [f.name for f in self._spec.features]
-        self._decoder = make_decoder(config.decoder, features, config.name)
+        # SUBMIT: a decoder may answer on the one publish path (Sparkplug B rebirth requests).
+        self._decoder = make_decoder(config.decoder, features, config.name, submit)
         self._windower = Windower(self._spec.window, len(features), config.window)
         self._batcher: Batcher[Window] = Batcher(
             config.batch.max_batch, config.batch.max_wait_ms / 1000.0
@@ -170,6 +172,7 @@ class Pipeline:
                 artifact=model.artifact,
                 labels=config.labels,
                 thresholds=config.thresholds,
+                sessions=sessions,
             ),
         )
         self.shadow: ShadowRunner | None = None
@@ -588,7 +591,7 @@ class Pipeline:
         # With each asset's next seq, stored in that same transaction (issue 14, finding 7).
         marks = SeqMarks(self.name, {w.asset: w.index + 1 for w in batch})
         self._submit(Predictions(messages, marks))
-        self.counters["predictions"] += len(messages)
+        self.counters["predictions"] += len(batch)  # an output may send them its own way
         if self.shadow is not None:
             # After the primary's predictions are submitted; never raises (counted in there).
             self.shadow.run(batch, raw, out, inference_ms)

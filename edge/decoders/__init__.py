@@ -7,11 +7,14 @@ modules (:func:`floorline.edge.plugins.discover`), and so is the config union a 
 
 - ``json``: an object per sample, or a list of them under a dotted path (a block);
 - ``binary``: raw little-endian float32 or int16 arrays with an optional time/sequence header;
-- ``csv``: one line per sample, columns named in the config.
+- ``csv``: one line per sample, columns named in the config;
+- ``sparkplug``: Sparkplug B NDATA/DDATA by the aliases their birth certificates announce (needs
+  the ``sparkplug`` extra only when configured).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import Field
@@ -29,6 +32,7 @@ from floorline.edge.decoders.binary import BinaryDecoder, BinaryDecoderConfig
 from floorline.edge.decoders.csv import CsvDecoder, CsvDecoderConfig
 from floorline.edge.decoders.json import JsonDecoder, JsonDecoderConfig
 from floorline.edge.errors import ConfigError
+from floorline.edge.messages import Outbound
 from floorline.edge.plugins import discover
 
 __all__ = [
@@ -64,13 +68,17 @@ else:
 
 
 def make_decoder(
-    config: DecoderConfigBase, features: tuple[str, ...] | list[str], pipeline: str = ""
+    config: DecoderConfigBase,
+    features: tuple[str, ...] | list[str],
+    pipeline: str = "",
+    send: Callable[[Sequence[Outbound]], None] | None = None,
 ) -> Decoder:
     """The decoder CONFIG selects, for a model with FEATURES (names in model order).
 
-    Raises ConfigError when the config does not fit the features.
+    SEND: the publish path a decoder may answer on (``DecoderContext.send``). Raises ConfigError
+    when the config does not fit the features.
     """
     plugin = DECODERS.get(config.type)
     if plugin is None or not isinstance(config, plugin.config):
         raise ConfigError(f"unknown decoder type {config.type!r}; known: {sorted(DECODERS)}")
-    return plugin.factory(config, DecoderContext(tuple(features), pipeline))
+    return plugin.factory(config, DecoderContext(tuple(features), pipeline, send))

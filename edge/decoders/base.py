@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from floorline.edge.errors import ConfigError, DecodeError
+from floorline.edge.messages import Outbound
 
 REASONS: frozenset[str] = frozenset(
     {
@@ -38,6 +39,13 @@ REASONS: frozenset[str] = frozenset(
         "too_many_assets",  # the windower's asset bound is reached
         "inference_failed",  # the backend failed on the batch holding this window (daemon)
         "internal_error",  # an unexpected error in the worker on this message or window (daemon)
+        # Sparkplug B (decoders/sparkplug.py); the last three also ask the node for a rebirth.
+        "sparkplug_bad_topic",  # not an spBv1.0 topic of a known message type
+        "sparkplug_bad_payload",  # not a Sparkplug B protobuf payload, or one the spec forbids
+        "sparkplug_wrong_type",  # a feature's metric is not a number (or not of its datatype)
+        "sparkplug_no_birth",  # data from a node or device whose birth certificate is unknown
+        "sparkplug_unknown_alias",  # a metric alias or name its birth certificate did not define
+        "sparkplug_seq_gap",  # the node's seq skipped: messages from it were lost
     }
 )
 """Every reason code any stage may give a DecodeError: a fixed set, so metrics stay bounded."""
@@ -102,6 +110,9 @@ class DecoderContext:
     """The model's feature names, in model order: the columns of every :class:`Samples`."""
     pipeline: str = ""
     """The pipeline's name, for messages."""
+    send: Callable[[Sequence[Outbound]], None] | None = None
+    """The gateway's one publish path, for a decoder that must answer its senders (Sparkplug B
+    asks an edge node for a rebirth); called on the worker thread. None: nothing may be sent."""
 
 
 class DecoderConfigBase(BaseModel):

@@ -6,6 +6,11 @@ example bundle on a simulated plant where some pumps develop faults over the run
 each pump's true condition (from the simulator) beside what the model predicts, marks where they
 differ and why, and the summary at the end says how often each pump's predictions were right while
 it was healthy, while a fault grew and once it had fully developed.
+
+``--sparkplug``: the same plant as a Sparkplug B edge node (``spBv1.0/plant/.../line1``, a device
+per pump), read by a ``sparkplug`` decoder, and the predictions published by a ``sparkplug``
+output as edge node ``spBv1.0/floorline/.../demo``; the table is drawn from those DBIRTH/DDATA
+messages, decoded as a SCADA host would (aliases from the births, report by exception).
 """
 
 from __future__ import annotations
@@ -26,22 +31,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
+from floorline.edge.bundle.bundle import Bundle
 from floorline.edge.config.model import Config, parse_config
 from floorline.edge.daemon.daemon import Daemon
-from floorline.edge.demo.signals import DEFAULT_SEVERITY_RANGE, Condition
+from floorline.edge.demo.signals import DEFAULT_SEVERITY_RANGE, SAMPLE_RATE_HZ, Condition
 from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator, Truth
 from floorline.edge.errors import FloorlineError
-from floorline.edge.mqtt.transport import MqttTransport
+from floorline.edge.mqtt.transport import MqttTransport, Will
 from floorline.edge.resources import models_dir
 
 __all__ = [
     "EXAMPLE_BUNDLE",
     "PredictionBoard",
     "Scorecard",
+    "SparkplugBoard",
     "WindowKind",
     "broker",
     "classify",
@@ -65,12 +72,14 @@ _RAMP_SHARE = 0.30
 # The example model only ever saw faults at least this severe (signals.make_dataset's default).
 _TRAINED_MIN_SEVERITY = DEFAULT_SEVERITY_RANGE[0]
 
-_CONFIG = """
+_GATEWAY = """
 gateway: {{id: demo}}
 state_dir: "{state_dir}"
 broker: {{host: "{host}", port: {port}, protocol: "3.1.1", keepalive: 15}}
 pipelines:
-  - name: vibration
+  - name: vibration"""
+
+_CONFIG = _GATEWAY + """
     subscribe: ["plant/+/+/vibration"]
     qos: 0
     bundle: "{bundle}"
@@ -79,6 +88,21 @@ pipelines:
     window: {{hop: 32, max_gap_s: 0.05}}
     batch: {{max_batch: 32, max_wait_ms: 5}}
     output: {{qos: 0}}
+"""
+
+# --sparkplug: the plant is edge node line1 of group "plant"; the gateway edge node "demo" of
+# group "floorline". Assets are the device ids (pump-NN), as in the JSON demo.
+SPARKPLUG_PLANT_GROUP = "plant"
+SPARKPLUG_GROUP = "floorline"
+_SPARKPLUG_CONFIG = _GATEWAY + """
+    subscribe: ["spBv1.0/{plant}/#"]
+    qos: 0
+    bundle: "{bundle}"
+    decoder: {{type: sparkplug, asset: "{{device}}"}}
+    asset: {{payload: true}}
+    window: {{hop: 32, max_gap_s: 0.05}}
+    batch: {{max_batch: 32, max_wait_ms: 5}}
+    output: {{type: sparkplug, group_id: {group}}}
 """
 
 
@@ -96,12 +120,19 @@ def default_faults(duration: float, assets: Sequence[str]) -> tuple[Fault, ...]:
     )
 
 
-def demo_config(host: str, port: int, bundle: Path = EXAMPLE_BUNDLE) -> Config:
-    """The demo's gateway config: one pipeline, the example bundle, per-sample JSON."""
+def demo_config(host: str, port: int, bundle: Path = EXAMPLE_BUNDLE, *,
+                sparkplug: bool = False) -> Config:
+    """The demo's gateway config: one pipeline, the example bundle, per-sample JSON.
+
+    SPARKPLUG: Sparkplug B in (the ``sparkplug`` decoder) and out (the ``sparkplug`` output).
+    """
     # The demo keeps nothing between runs: its outbox lives in a fresh temporary directory.
     state_dir = tempfile.mkdtemp(prefix="floorline-demo-")
+    template = _SPARKPLUG_CONFIG if sparkplug else _CONFIG
     return parse_config(
-        _CONFIG.format(host=host, port=port, bundle=bundle, state_dir=state_dir), "demo config"
+        template.format(host=host, port=port, bundle=bundle, state_dir=state_dir,
+                        plant=SPARKPLUG_PLANT_GROUP, group=SPARKPLUG_GROUP),
+        "demo config",
     )
 
 
@@ -327,6 +358,82 @@ def _decode(payload: bytes) -> _Prediction | None:
         return None
 
 
+class SparkplugBoard(PredictionBoard):
+    """Predictions as a Sparkplug host application sees them: the gateway edge node's messages.
+
+    Each device's DBIRTH gives its aliases, datatypes and current values; a DDATA changes some
+    of them (report by exception). A prediction is a new ``Window/Seq`` of a device (a rebirth
+    repeats the current one: counted once); its window ends at that metric's timestamp and
+    starts WINDOW_S earlier. Sparkplug carries no latency: ``latency_ms`` is from the edge
+    node's send time (the payload's timestamp) to arrival here.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        super().__init__()
+        from floorline.edge.sparkplug import require  # noqa: PLC0415 - protobuf only if used
+
+        require("floorline demo --sparkplug")
+        from floorline.edge.sparkplug import payload, topics  # noqa: PLC0415
+
+        self._sp, self._topics = payload, topics
+        self._window_s = window_s
+        self._raw: list[tuple[str, bytes, float]] = []
+        # device → (alias → name, name → datatype, name → value, name → timestamp ms)
+        self._devices: dict[str, tuple[dict[int, str], dict[str, int], dict[str, Any],
+                                       dict[str, int]]] = {}
+        self._seen: set[tuple[str, int]] = set()
+
+    def on_message(self, topic: str, payload: bytes, *meta: object) -> None:
+        """Keep one message of the edge node (decoded in order by take())."""
+        del meta
+        with self._lock:
+            self._raw.append((topic, payload, time.time()))
+
+    def take(self) -> list[_Prediction]:
+        """The predictions that arrived since the last call, oldest first."""
+        with self._lock:
+            raw, self._raw = self._raw, []
+        out = [p for p in (self._read(*r) for r in raw) if p is not None]
+        self.total += len(out)
+        return out
+
+    def _read(self, topic: str, data: bytes, arrived: float) -> _Prediction | None:
+        sp = self._sp
+        where = self._topics.parse_topic(topic)
+        if where is None or where.device is None:
+            return None  # NBIRTH, NDEATH: the node's, not a pump's
+        device = where.device
+        try:
+            message = sp.parse(data)
+            if where.type == "DBIRTH":
+                names = {m.alias: m.name for m in message.metrics if m.alias}
+                types = {m.name: m.datatype for m in message.metrics}
+                self._devices[device] = (
+                    names, types, {m.name: sp.value_of(m) for m in message.metrics},
+                    {m.name: m.timestamp for m in message.metrics},
+                )
+            elif where.type == "DDATA" and device in self._devices:
+                names, types, values, stamps = self._devices[device]
+                for m in message.metrics:
+                    name = names.get(m.alias, m.name)
+                    values[name] = sp.value_of(m, types.get(name, m.datatype))
+                    stamps[name] = m.timestamp
+            else:
+                if where.type == "DDEATH":
+                    self._devices.pop(device, None)
+                return None
+        except sp.PayloadError:
+            return None
+        _, _, values, stamps = self._devices[device]
+        seq, label, score = values.get("Window/Seq"), values.get("Label"), values.get("Score")
+        if not isinstance(seq, int) or not isinstance(label, str) or (device, seq) in self._seen:
+            return None  # typed nulls (born before any prediction), or a repeat
+        self._seen.add((device, seq))
+        end = stamps["Window/Seq"] / 1000.0
+        return _Prediction(device, label, float(score) if isinstance(score, float) else 0.0,
+                           end - self._window_s, end, (arrived * 1000.0) - message.timestamp)
+
+
 @dataclass
 class _Run:
     """What the table and the summary are drawn from."""
@@ -336,6 +443,7 @@ class _Run:
     daemon: Daemon
     header: list[str]
     duration: float
+    sparkplug: bool = False
     card: Scorecard = field(default_factory=Scorecard)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -370,10 +478,22 @@ def _header(
         gateway=gateway, pipeline=pipeline.name, asset="+"
     )
     fault_text = ", ".join(f.spec() for f in faults) + " (@onset+ramp s)" if faults else "none"
+    subscribed = ", ".join(pipeline.subscribe)
+    if pipeline.output.type == "sparkplug":
+        node = f"spBv1.0/{SPARKPLUG_GROUP}/+/{gateway}"
+        edge = f"{SPARKPLUG_GROUP}/{gateway}"
+        inputs = [
+            f"  input        {subscribed}  (Sparkplug B: edge node line1, a device per pump)",
+            f"  predictions  {node}/#  (Sparkplug B edge node {edge}: DBIRTH, DDATA per pump)",
+        ]
+    else:
+        inputs = [
+            f"  input        {subscribed}  (pumps: plant/line1/pump-NN/vibration)",
+            f"  predictions  {per_asset}  (one topic per pump)",
+        ]
     lines = [
         f"  broker       {where}",
-        f"  input        {', '.join(pipeline.subscribe)}  (pumps: plant/line1/pump-NN/vibration)",
-        f"  predictions  {per_asset}  (one topic per pump)",
+        *inputs,
         f"  state        {config.topics.state.format(gateway=gateway)}  (retained)",
         *textwrap.wrap(fault_text, 100, initial_indent="  faults       ",
                        subsequent_indent=" " * 15, break_long_words=False,
@@ -383,9 +503,10 @@ def _header(
         lines.append(f"  metrics      {metrics_url}")
     # Ready to paste whole: the comment is the shell's.
     topic_filter = shlex.quote(_watch_filter(config))
+    protobuf = " (protobuf)" if pipeline.output.type == "sparkplug" else ""
     lines.append(
         f"  mosquitto_sub -h {shlex.quote(host)} -p {port} -t {topic_filter} -v"
-        "   # watch the predictions"
+        f"   # watch the predictions{protobuf}"
     )
     return lines
 
@@ -416,11 +537,12 @@ def _render(run: _Run, elapsed: float, rates: tuple[float, float]) -> str:
     dead = sum(p.dead_letters.total() for p in run.daemon.pipelines)
     lat = sorted(run.latencies)
     p50 = lat[len(lat) // 2] if lat else 0.0
+    latency = "edge node to host" if run.sparkplug else "end-to-end"
     lines += [
         "",
         (
             f"in {rates[0]:7,.0f} msg/s · predictions {rates[1]:5,.0f}/s · dead letters {dead} · "
-            f"end-to-end p50 {p50:.1f} ms"
+            f"{latency} p50 {p50:.1f} ms"
         ),
         *run.card.legend(short=True),
     ]
@@ -510,6 +632,7 @@ def _wait_drained(run: _Run, timeout: float = 5.0) -> None:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        run.score()  # a Sparkplug board counts the predictions it has decoded
         handled = windows = predicted = failed = 0
         for p in run.daemon.pipelines:
             handled += p.counters["decoded"] + p.counters["control"] + p.dead_letters.total()
@@ -541,11 +664,13 @@ def run_demo(
     port: int = 1883,
     metrics_port: int | None = None,
     out: TextIO | None = None,
+    sparkplug: bool = False,
 ) -> int:
     """Run the whole demo; returns an exit code. Prints a summary at the end.
 
     FAULTS default to :func:`default_faults` for the pumps that exist, scaled to DURATION;
-    explicit ones are used as given and must name real pumps.
+    explicit ones are used as given and must name real pumps. SPARKPLUG: the plant and the
+    gateway speak Sparkplug B (module docstring).
     """
     out = out or sys.stdout
     tty = out.isatty() and os.environ.get("TERM") != "dumb"
@@ -559,8 +684,18 @@ def run_demo(
             file=sys.stderr,
         )
         return 2
+    if sparkplug:
+        from floorline.edge.sparkplug import require  # noqa: PLC0415 - protobuf only if used
+
+        try:
+            require("floorline demo --sparkplug")
+        except FloorlineError as exc:
+            print(f"floorline demo: {exc}", file=sys.stderr)
+            return 2
     try:
-        plant = PlantConfig(assets=assets, rate=rate)
+        plant = PlantConfig(assets=assets, rate=rate,
+                            fmt="sparkplug" if sparkplug else "json",
+                            group=SPARKPLUG_PLANT_GROUP)
         names = plant.asset_names()
         if faults is None:
             plant.faults = list(default_faults(duration, names))
@@ -574,7 +709,7 @@ def run_demo(
               file=sys.stderr)
         return 2
     with broker(host, port) as (bhost, bport, where):
-        config = demo_config(bhost, bport)
+        config = demo_config(bhost, bport, sparkplug=sparkplug)
         try:
             return _run(config, plant, where, duration, metrics_port, out, tty)
         finally:
@@ -587,15 +722,32 @@ def _run(
     out: TextIO, tty: bool,
 ) -> int:
     daemon = Daemon(config)
+    sparkplug = plant.fmt == "sparkplug"
     board = PredictionBoard()
+    if sparkplug:
+        window = Bundle.open(config.pipelines[0].bundle).manifest.input.window
+        board = SparkplugBoard((window - 1) / SAMPLE_RATE_HZ)
     header_host, header_port = config.broker.host, config.broker.port
     watcher = MqttTransport(
         config.broker, f"floorline-demo-view-{os.getpid()}", board.on_message,
         [(_watch_filter(config), 0)],
     )
-    publisher = MqttTransport(config.broker, f"floorline-demo-plant-{os.getpid()}",
-                              lambda *_: None, [])
-    sim = PlantSimulator(plant, lambda t, p: publisher.publish(t, p, 0, False))
+    publishing: list[MqttTransport] = []  # the plant's connection, made once sim exists
+    sim = PlantSimulator(plant, lambda t, p: publishing[0].publish(t, p, 0, False))
+    will: Will | None = None
+    commands: list[tuple[str, int]] = []
+    if sparkplug:
+        # An edge node registers its NDEATH as its will and obeys rebirth requests: the
+        # gateway asks for one when it missed the plant's births.
+        will = Will(*sim.sparkplug_will(), qos=1, retain=False)
+        commands = [(f"spBv1.0/{plant.group}/NCMD/{plant.line}", 0)]
+
+    def command(topic: str, payload: bytes, *_: object) -> None:
+        sim.command(topic, payload)
+
+    publisher = MqttTransport(config.broker, f"floorline-demo-plant-{os.getpid()}", command,
+                              commands, will=will)
+    publishing.append(publisher)
     metrics_server = None
     try:
         daemon.load()
@@ -610,7 +762,7 @@ def _run(
         )
         run = _Run(sim, board, daemon,
                    _header(config, where, header_host, header_port, plant.faults, metrics_url),
-                   duration)
+                   duration, sparkplug)
         daemon.start()
         watcher.start()
         publisher.start()
@@ -639,6 +791,8 @@ def _run(
 
 def _watch_filter(config: Config) -> str:
     """A filter for every prediction of this gateway, e.g. floorline/demo/pred/#."""
+    if config.pipelines[0].output.type == "sparkplug":
+        return f"spBv1.0/{SPARKPLUG_GROUP}/#"  # the gateway edge node's births and data
     # The demo's pipeline keeps the gateway's default prediction topic.
     template = config.topics.predictions
     prefix = template.format(gateway=config.gateway.id, pipeline="\0", asset="\0")

@@ -15,6 +15,12 @@ Message formats (topics ``plant/{line}/{asset}/vibration`` and ``.../temperature
 - block/json:  ``{"samples": [{"ts": ..., "seq": ..., "accel_x": ...}, ...]}``
 - block/binary: ``<d ts><Q seq>`` then float32 little-endian rows (accel_x, accel_y, accel_z)
 - temperature: ``{"ts": ..., "temperature_c": 41.2}`` once per simulated second
+- sparkplug (``fmt: sparkplug``): the line is a Sparkplug B edge node ``spBv1.0/{group}/.../{line}``
+  and each asset a device: NBIRTH (bdSeq, Node Control/Rebirth), a DBIRTH per asset announcing
+  accel_x/y/z and temperature_c (Double) with aliases, then DDATA by alias (sample mode: one
+  sample per message; block mode: each metric repeated per sample, with its own timestamp), seq
+  wrapping 255 -> 0. :meth:`PlantSimulator.sparkplug_will` is the NDEATH to register as the MQTT
+  will, :meth:`PlantSimulator.command` answers a ``Node Control/Rebirth`` NCMD with new births.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import orjson
 
 from floorline.edge.demo.signals import SAMPLE_RATE_HZ, AssetParams, AssetSignal, Condition
+
+if TYPE_CHECKING:
+    from floorline.edge.sparkplug import payload as sp
 
 Publish = Callable[[str, bytes], None]
 
@@ -97,7 +106,7 @@ class PlantConfig:
     rate: float = 200.0
     """Samples per wall-clock second per asset."""
     mode: Literal["sample", "block"] = "sample"
-    fmt: Literal["json", "binary"] = "json"
+    fmt: Literal["json", "binary", "sparkplug"] = "json"
     block: int = 64
     """Samples per block message."""
     faults: list[Fault] = field(default_factory=list)
@@ -106,6 +115,10 @@ class PlantConfig:
     temperature: bool = True
     start_time: float | None = None
     """Simulated epoch time of the first sample; default: now."""
+    group: str = "plant"
+    """Sparkplug group id (``fmt: sparkplug``); the edge node id is ``line``."""
+    bdseq: int = 0
+    """Sparkplug bdSeq of this session (NBIRTH and the NDEATH will)."""
 
     def asset_names(self) -> list[str]:
         """pump-01, pump-02, ..."""
@@ -166,10 +179,25 @@ class PlantSimulator:
         self._stop = threading.Event()
         # The histories grow on run()'s thread and are read by whoever scores predictions.
         self._history_lock = threading.Lock()
+        self._spb: _Sparkplug | None = _Sparkplug(self) if config.fmt == "sparkplug" else None
 
     def stop(self) -> None:
         """Ask run() to return after the current tick."""
         self._stop.set()
+
+    def sparkplug_will(self) -> tuple[str, bytes]:
+        """The NDEATH (topic, payload) to register as the MQTT will (``fmt: sparkplug``)."""
+        if self._spb is None:
+            raise ValueError("sparkplug_will: the simulator's fmt is not sparkplug")
+        return self._spb.will()
+
+    def command(self, topic: str, payload: bytes) -> bool:
+        """Handle an NCMD for this edge node; True when it asked for a rebirth.
+
+        Safe from another thread (an MQTT callback): the births go out on run()'s next tick, or
+        at the next step().
+        """
+        return self._spb is not None and self._spb.command(topic, payload)
 
     def condition_of(self, asset: str) -> tuple[str, float]:
         """The condition and severity an asset has now (ground truth, for the demo)."""
@@ -242,6 +270,8 @@ class PlantSimulator:
                 asset.history.append((asset.sent, truth))
 
     def _emit(self, asset: _Asset, n: int) -> None:
+        if self._spb is not None:
+            self._spb.births_if_due()
         first = asset.sent
         values = asset.signal.next_block(n)
         asset.sent += n
@@ -262,17 +292,23 @@ class PlantSimulator:
         if self.config.temperature:
             sim_seconds = int(asset.sent / SAMPLE_RATE_HZ)
             while asset.next_temperature <= sim_seconds:
-                payload = {
-                    "ts": self._t0 + asset.next_temperature,
-                    "temperature_c": round(asset.signal.temperature_c(), 3),
-                }
-                self._publish(self.topic(asset.name, "temperature"), orjson.dumps(payload))
+                ts = self._t0 + asset.next_temperature
+                celsius = round(asset.signal.temperature_c(), 3)
+                if self._spb is not None:
+                    self._spb.temperature(asset.name, ts, celsius)
+                else:
+                    payload = {"ts": ts, "temperature_c": celsius}
+                    self._publish(self.topic(asset.name, "temperature"), orjson.dumps(payload))
                 asset.next_temperature += 1
 
     def _ts(self, seq: int) -> float:
         return self._t0 + seq / SAMPLE_RATE_HZ
 
     def _send_sample(self, asset: _Asset, seq: int, row: np.ndarray) -> None:
+        if self._spb is not None:
+            self._spb.data(asset.name, [self._ts(seq)], row.reshape(1, -1))
+            self.messages += 1
+            return
         x, y, z = row.tolist()
         payload = orjson.dumps(
             {"ts": self._ts(seq), "seq": seq, "accel_x": x, "accel_y": y, "accel_z": z}
@@ -281,6 +317,10 @@ class PlantSimulator:
         self.messages += 1
 
     def _send_block(self, asset: _Asset, first: int, block: np.ndarray) -> None:
+        if self._spb is not None:
+            self._spb.data(asset.name, [self._ts(first + i) for i in range(len(block))], block)
+            self.messages += 1
+            return
         if self.config.fmt == "binary":
             payload = struct.pack("<dQ", self._ts(first), first) + block.astype("<f4").tobytes()
         else:
@@ -296,3 +336,100 @@ class PlantSimulator:
             )
         self._publish(self.topic(asset.name), payload)
         self.messages += 1
+
+
+_AXES = ("accel_x", "accel_y", "accel_z")
+
+
+class _Sparkplug:
+    """The plant as one Sparkplug B edge node (the line) with a device per asset."""
+
+    def __init__(self, sim: PlantSimulator) -> None:
+        from floorline.edge.sparkplug import require  # noqa: PLC0415 - protobuf only if used
+
+        require("the simulator's sparkplug format")
+        from floorline.edge.sparkplug import payload, topics  # noqa: PLC0415
+
+        self._p = payload
+        self._t = topics
+        self._sim = sim
+        config = sim.config
+        topics.check_id(config.group, "group")
+        topics.check_id(config.line, "line (the edge node id)")
+        self._group, self._node = config.group, config.line
+        self._devices = config.asset_names()
+        # Aliases unique over the node: asset i's metrics are 10*(i+1) + 0..3.
+        self._alias = {name: 10 * (i + 1) for i, name in enumerate(self._devices)}
+        self._seq = 0
+        self._born = False
+        self._rebirth = threading.Event()
+        self.rebirths = 0
+        """Rebirths answered."""
+
+    def will(self) -> tuple[str, bytes]:
+        p = self._p
+        message = p.build([p.bdseq_metric(self._sim.config.bdseq)])
+        return (self._t.node_topic(self._group, "NDEATH", self._node),
+                message.SerializeToString())
+
+    def command(self, topic: str, payload: bytes) -> bool:
+        t = self._t.parse_topic(topic)
+        if t is None or t.type != "NCMD" or (t.group, t.node) != (self._group, self._node):
+            return False
+        try:
+            message = self._p.parse(payload)
+        except self._p.PayloadError:
+            return False
+        if not self._p.is_rebirth_request(message):
+            return False
+        self._rebirth.set()
+        return True
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq = self._p.next_seq(seq)
+        return seq
+
+    def births_if_due(self) -> None:
+        if self._born and not self._rebirth.is_set():
+            return
+        if self._born:
+            self.rebirths += 1
+        self._rebirth.clear()
+        self._born = True
+        p, dt = self._p, self._p.DataType
+        self._seq = 0  # NBIRTH starts the node's seq at 0
+        nbirth = p.build([p.bdseq_metric(self._sim.config.bdseq),
+                          p.metric("Node Control/Rebirth", dt.Boolean, False)],
+                         seq=self._next_seq())
+        self._send(self._t.node_topic(self._group, "NBIRTH", self._node), nbirth)
+        for device in self._devices:
+            base = self._alias[device]
+            metrics = [p.metric(name, dt.Double, 0.0, alias=base + i)
+                       for i, name in enumerate((*_AXES, "temperature_c"))]
+            self._send(self._topic("DBIRTH", device), p.build(metrics, seq=self._next_seq()))
+
+    def data(self, device: str, times: list[float], rows: np.ndarray) -> None:
+        p, dt = self._p, self._p.DataType
+        base = self._alias[device]
+        metrics: list[sp.Metric] = []
+        for ts, row in zip(times, rows.tolist(), strict=True):
+            ms = round(ts * 1000)
+            metrics.extend(p.metric(None, dt.Double, float(v), alias=base + i, timestamp=ms)
+                           for i, v in enumerate(row))
+        message = p.build(metrics, seq=self._next_seq(), timestamp=round(times[-1] * 1000))
+        self._send(self._topic("DDATA", device), message)
+
+    def temperature(self, device: str, ts: float, celsius: float) -> None:
+        p = self._p
+        ms = round(ts * 1000)
+        metric = p.metric(None, p.DataType.Double, celsius, alias=self._alias[device] + 3,
+                          timestamp=ms)
+        self._send(self._topic("DDATA", device), p.build([metric], seq=self._next_seq(),
+                                                          timestamp=ms))
+
+    def _topic(self, kind: Literal["DBIRTH", "DDATA"], device: str) -> str:
+        return self._t.device_topic(self._group, kind, self._node, device)
+
+    def _send(self, topic: str, message: sp.Payload) -> None:
+        self._sim._publish(topic, message.SerializeToString())  # noqa: SLF001 - its publish path

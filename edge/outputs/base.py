@@ -48,6 +48,9 @@ class OutputContext:
     """The pipeline's override of the bundle's labels, if any."""
     thresholds: dict[str, float] | None = None
     """The pipeline's override of the bundle's thresholds, if any."""
+    sessions: Any = None
+    """The daemon's Sparkplug edge nodes (``daemon.sparkplug_node.EdgeNodes``), for an output
+    that publishes through a session of its own; None outside the daemon."""
 
 
 class Output(Protocol):
