@@ -30,7 +30,15 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from floorline.converter.errors import ModelCardError
-from floorline.edge.bundle.manifest import Feature, Normalization, Task
+from floorline.edge.bundle.manifest import (
+    Feature,
+    FeatureBlock,
+    FeatureStage,
+    Normalization,
+    SpeedChannel,
+    Task,
+)
+from floorline.edge.stream.features import feature_names
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(
@@ -266,6 +274,18 @@ class ScoreCard(_CardModel):
         return self
 
 
+class FeatureStageCard(_CardModel):
+    """``preprocessing:``: a feature stage; the manifest's ``input.preprocessing`` without names.
+
+    With it, ``window`` and ``features`` describe the raw window (the sensor channels the gateway
+    decodes), and ``normalization`` has one mean and std per computed feature.
+    """
+
+    sample_rate: float = Field(gt=0, description="Samples per second of the raw window (Hz).")
+    speed: SpeedChannel | None = None
+    blocks: list[FeatureBlock] = Field(min_length=1, max_length=64)
+
+
 class ModelCard(_CardModel):
     """What a bundle's manifest says about the model beyond its artifacts."""
 
@@ -295,6 +315,9 @@ class ModelCard(_CardModel):
     )
     score: ScoreCard | None = Field(
         default=None, description="Autoencoder scoring: the model reconstructs its input."
+    )
+    preprocessing: FeatureStageCard | None = Field(
+        default=None, description="A feature stage: the model takes features of raw windows."
     )
 
     @field_validator("name", "version", mode="before")
@@ -383,10 +406,14 @@ class ModelCard(_CardModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
+        if self.preprocessing is not None:
+            self.feature_stage()  # refuses a stage that does not fit the raw window
         if self.features is not None:
             _unique("features", [f.name for f in self.features], "feature")
-            if self.normalization is not None and len(self.normalization.mean) != len(
-                self.features
+            if (
+                self.preprocessing is None
+                and self.normalization is not None
+                and len(self.normalization.mean) != len(self.features)
             ):
                 raise _ProblemError(
                     "normalization.mean",
@@ -398,6 +425,38 @@ class ModelCard(_CardModel):
         else:
             self._check_single_head()
         return self
+
+    def feature_stage(self) -> FeatureStage | None:
+        """The manifest's feature stage (names computed), or None; _ProblemError if it is wrong."""
+        card = self.preprocessing
+        if card is None:
+            return None
+        if self.window is None or not self.features:
+            raise _ProblemError(
+                "preprocessing",
+                "a feature stage reads raw windows",
+                "give window: (samples per raw window) and features: (the sensor channels, in "
+                "the order the gateway decodes them)",
+            )
+        channels = [f.name for f in self.features]
+        try:
+            draft = FeatureStage.model_construct(
+                sample_rate=card.sample_rate, speed=card.speed, blocks=card.blocks, names=[]
+            )
+            stage = FeatureStage(
+                sample_rate=card.sample_rate,
+                speed=card.speed,
+                blocks=card.blocks,
+                names=feature_names(draft, channels),
+            )
+            stage.check(channels, self.window)
+        except (ValueError, ValidationError) as exc:
+            text = str(exc) if not isinstance(exc, ValidationError) else exc.errors()[0]["msg"]
+            raise _ProblemError(
+                "preprocessing", text.removeprefix("Value error, "),
+                "fix the stage (see docs/bundles.md#features)",
+            ) from exc
+        return stage
 
     def _check_heads(self, heads: list[HeadCard]) -> None:
         if not heads:
@@ -507,6 +566,9 @@ _KEYS: dict[str, list[str]] = {
     "score": list(ScoreCard.model_fields),
     "features[]": list(Feature.model_fields),
     "normalization": list(Normalization.model_fields),
+    "preprocessing": list(FeatureStageCard.model_fields),
+    "preprocessing.blocks[]": list(FeatureBlock.model_fields),
+    "preprocessing.speed": list(SpeedChannel.model_fields),
 }
 
 
@@ -690,6 +752,9 @@ def load_card(
     if "score" in data:
         # A score sets an autoencoder's threshold; the model's default one would be blamed.
         defaults.pop("thresholds", None)
+    if "preprocessing" in data:
+        # The model's own feature names are the stage's outputs, not the raw sensor channels.
+        defaults.pop("features", None)
     for key, value in defaults.items():
         if value is not None and key not in data and not (key != "task" and "outputs" in data):
             data[key] = value

@@ -491,7 +491,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         args.bundle, trusted_keys=trusted, require_signature=args.require_signature
     ) as bundle:
         if args.json:
-            print(json.dumps(bundle.manifest.model_dump(mode="json"), indent=2))
+            data = bundle.manifest.model_dump(mode="json")
+            if data["input"].get("preprocessing") is None:  # as before the feature stage existed
+                data["input"].pop("preprocessing", None)
+            print(json.dumps(data, indent=2))
             return 0
         text = describe(bundle)
         if bundle.path != args.bundle:

@@ -20,9 +20,14 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
-from floorline.converter import data
+from floorline.converter import data, drift_summary
 from floorline.converter.card import ModelCard
-from floorline.converter.errors import CalibrationDataError, ConversionError, ParityError
+from floorline.converter.errors import (
+    CalibrationDataError,
+    ConversionError,
+    ModelCardError,
+    ParityError,
+)
 from floorline.converter.onnx_export import DEFAULT_OPSET, export_onnx
 from floorline.converter.outputs import match_outputs
 from floorline.converter.parity import (
@@ -49,6 +54,7 @@ from floorline.edge.bundle.bundle import (
 )
 from floorline.edge.bundle.hashing import sha256_file
 from floorline.edge.bundle.manifest import (
+    FEATURES_SCHEMA,
     SCHEMA_VERSION,
     Artifact,
     ArtifactFormat,
@@ -60,6 +66,7 @@ from floorline.edge.bundle.manifest import (
     SourceFormat,
     SourceInfo,
 )
+from floorline.edge.stream.normalization import model_input
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +199,14 @@ def _split(
 def _prepare_data(
     req: ConvertRequest, spec: InputSpec, rng: np.random.Generator, say: Callable[[str], None]
 ) -> tuple[NDArray[np.float32] | None, NDArray[np.float32]]:
+    # With a feature stage these are raw windows (the caller computes the model's inputs), so the
+    # golden file can hold what a gateway's windows hold.
+    read = data.load_windows if spec.preprocessing is not None else data.load_inputs
     calibration = (
-        data.load_inputs(req.calibration, spec, origin="calibration data")
-        if req.calibration
-        else None
+        read(req.calibration, spec, origin="calibration data") if req.calibration else None
     )
     if req.parity_data:
-        parity = data.load_inputs(req.parity_data, spec, origin="parity data")
+        parity = read(req.parity_data, spec, origin="parity data")
     elif calibration is not None:
         calibration, parity = _split(calibration, rng, say)
     else:
@@ -242,6 +250,24 @@ def _export(
     return None, info.quantized_tensors
 
 
+def _check_feature_names(source: Any, spec: InputSpec) -> None:
+    # A model fitted on a DataFrame of features knows their order: it must be the stage's, or
+    # every column would feed the wrong input and parity (same features both sides) could not tell.
+    known = getattr(source, "feature_names", None)
+    stage = spec.preprocessing
+    if stage is None or not known or list(known) == stage.names:
+        return
+    diff = next(
+        (f"column {i} is {a!r}, the stage's {b!r}"
+         for i, (a, b) in enumerate(zip(known, stage.names, strict=False)) if a != b),
+        f"{len(known)} columns for {len(stage.names)} features",
+    )
+    raise ModelCardError(
+        f"card preprocessing: the model was fitted on features in another order ({diff}); "
+        "train on the columns of features.feature_names(stage, channels), in that order"
+    )
+
+
 def load(req: ConvertRequest) -> Any:
     """The source model REQ names, loaded by the loader of its kind."""
     if req.loaded is not None:
@@ -269,7 +295,14 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
         req.card, source.input_shape, source.output_shapes, source.output_names,
         source.normalization,
     )
+    _check_feature_names(source, input_spec)
     calibration, parity_inputs = _prepare_data(req, input_spec, rng, say)
+    windows = parity_inputs  # what a gateway's windows hold: raw with a feature stage
+    if input_spec.preprocessing is not None:
+        with step(f"features of {len(parity_inputs)} parity windows", say):
+            parity_inputs = model_input(windows, input_spec)
+            if calibration is not None:
+                calibration = model_input(calibration, input_spec)
     with step(f"source model on {len(parity_inputs)} parity windows", say):
         source_parts = source.predict(parity_inputs)
     needs_calibration_scores = any(d.metric and d.threshold is None for d in drafts)
@@ -290,7 +323,9 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
     golden_idx = np.sort(
         rng.choice(len(parity_inputs), min(req.golden_samples, len(parity_inputs)), replace=False)
     )
-    golden = Golden(inputs=parity_inputs[golden_idx], source_outputs=source_outputs[golden_idx])
+    # Golden inputs are the windows (raw with a stage): the gateway's self-test runs the stage too.
+    golden = Golden(inputs=windows[golden_idx], source_outputs=source_outputs[golden_idx])
+    golden_model_inputs = parity_inputs[golden_idx]
 
     artifacts: list[Artifact] = []
     rows: list[tuple[str, str, ParityReport]] = []
@@ -320,7 +355,7 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
                     tuple(outputs or ()),
                 )
             try:
-                golden.expected[target.file] = backend.infer(golden.inputs)
+                golden.expected[target.file] = backend.infer(golden_model_inputs)
                 atol = selftest_atol(target.quantization, backend)
             finally:
                 backend.close()
@@ -347,8 +382,11 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
             )
         golden.save(staging / GOLDEN_FILE)
         fmt: SourceFormat = source.format  # type: ignore[assignment]
+        reference = drift_summary.reference(req, input_spec, heads, source, say)
+        # Schema 3 only for what a schema 2 gateway cannot read: the rest stays readable by all.
+        newer = input_spec.preprocessing is not None or reference is not None
         manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
+            schema_version=FEATURES_SCHEMA if newer else SCHEMA_VERSION,
             name=req.card.name,
             version=req.card.version,
             task=heads[0].task,
@@ -364,6 +402,7 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
                 sha256=sha256_file(staging / GOLDEN_FILE),
                 samples=len(golden.inputs),
             ),
+            reference=reference,
         )
         commit(staging, req.out, manifest, signing_key=req.signing_key, overwrite=req.force)
 

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from floorline.converter.errors import CalibrationDataError
 from floorline.edge.bundle.manifest import InputSpec
-from floorline.edge.stream.normalization import normalize
+from floorline.edge.stream.normalization import model_input
 
 
 def _read(path: Path, origin: str) -> NDArray[np.generic]:
@@ -71,7 +71,14 @@ def _numeric(line: str) -> list[float] | None:
 def load_inputs(path: Path, spec: InputSpec, *, origin: str = "calibration data") -> NDArray[
     np.float32
 ]:
-    """Read PATH as model inputs for SPEC: shaped, checked, and normalized."""
+    """Read PATH as model inputs for SPEC: shaped, checked, featurized (a stage) and normalized."""
+    return model_input(load_windows(path, spec, origin=origin), spec)
+
+
+def load_windows(path: Path, spec: InputSpec, *, origin: str = "calibration data") -> NDArray[
+    np.float32
+]:
+    """Read PATH as raw windows for SPEC (what a gateway's windows hold): shaped and checked."""
     if not path.is_file():
         raise CalibrationDataError(f"{origin} {path}: no such file")
     raw = _read(path, origin)
@@ -98,5 +105,5 @@ def load_inputs(path: Path, spec: InputSpec, *, origin: str = "calibration data"
         )
     if not np.isfinite(data).all():
         raise CalibrationDataError(f"{origin} {path}: contains NaN or infinite values")
-    return normalize(data.astype(np.float32), spec)
+    return data.astype(np.float32)
 

@@ -47,9 +47,51 @@ class HeadDraft:
     percentile: float | None = None
 
 
+def _staged_input_spec(
+    card: ModelCard, input_shape: Shape, normalization: tuple[list[float], list[float]] | None
+) -> InputSpec:
+    # The card's window and features are the raw window; the model takes the stage's features.
+    stage = card.feature_stage()
+    assert stage is not None  # noqa: S101 - card.preprocessing is set
+    assert card.window is not None  # noqa: S101 - feature_stage() requires it
+    assert card.features  # noqa: S101 - feature_stage() requires them
+    width = len(stage.names)
+    if len(input_shape) != 2 or input_shape[1] != width:
+        raise ModelCardError(
+            f"card preprocessing: the stage computes {width} features per window, but the model "
+            f"takes inputs {input_shape}; a model on features takes (batch, {width})"
+        )
+    norm = card.normalization
+    if normalization is not None:
+        if norm is not None:
+            raise ModelCardError(
+                "card normalization: the model normalizes its inputs itself; remove "
+                "normalization from the card"
+            )
+        norm = Normalization(mean=normalization[0], std=normalization[1])
+    if norm is not None and len(norm.mean) != width:
+        raise ModelCardError(
+            f"card normalization: {len(norm.mean)} means for the stage's {width} features (it "
+            "applies to the features, after the stage)"
+        )
+    try:
+        return InputSpec(
+            shape=[None, card.window, len(card.features)],
+            window=card.window,
+            features=card.features,
+            normalization=norm,
+            preprocessing=stage,
+        )
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"]
+        raise ModelCardError(f"model card does not fit the model: {msg}") from exc
+
+
 def _input_spec(
     card: ModelCard, input_shape: Shape, normalization: tuple[list[float], list[float]] | None
 ) -> InputSpec:
+    if card.preprocessing is not None:
+        return _staged_input_spec(card, input_shape, normalization)
     if len(input_shape) not in (2, 3):
         raise ModelCardError(
             f"model input shape {input_shape}: a bundle takes (batch, features) or "

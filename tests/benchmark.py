@@ -1722,6 +1722,50 @@ def measure_backend(seconds: float) -> dict[str, Any]:
     return out
 
 
+FEATURE_STAGE = {
+    "sample_rate": 1000.0,
+    "blocks": [
+        {"type": "stats"},
+        {"type": "bands", "bands": [[5, 50], [50, 150], [150, 250], [250, 450]]},
+        {"type": "envelope", "channels": ["accel_x"], "band": [200, 450],
+         "bands": [[2, 60], [60, 120], [120, 240]]},
+    ],
+}
+"""The feature stage of tests/test_features.py's bundle: 30 features of 3 axes (issue 17)."""
+
+
+def measure_features(seconds: float, window: int = 256) -> dict[str, Any]:
+    """Ceiling: the feature stage (``features.compute``) in-process, windows per second.
+
+    Raw windows of WINDOW x 3 axes at 1 kHz through FEATURE_STAGE, at batch 1 and 32, the same
+    way as the LiteRT rows; ``us_per_window`` is what the stage adds to each window's inference.
+    """
+    from floorline.edge.bundle.manifest import FeatureStage  # noqa: PLC0415
+    from floorline.edge.stream import features  # noqa: PLC0415
+
+    axes = ["accel_x", "accel_y", "accel_z"]
+    draft = FeatureStage.model_validate({**FEATURE_STAGE, "names": ["?"]})
+    stage = FeatureStage.model_validate(
+        {**FEATURE_STAGE, "names": features.feature_names(draft, axes)})
+    rng = np.random.default_rng(0)
+    xs = {n: rng.standard_normal((n, window, 3)).astype(np.float32) for n in (1, 32)}
+
+    def rate(n: int) -> float:
+        features.compute(xs[n], stage, axes)  # warm-up
+        windows = 0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            features.compute(xs[n], stage, axes)
+            windows += n
+        return windows / (time.monotonic() - start)
+
+    b1, b32 = rate(1), rate(32)
+    return {"window": window, "channels": 3, "features": len(stage.names),
+            "batch1_windows_s": round(b1, 1), "batch32_windows_s": round(b32, 1),
+            "us_per_window_batch1": round(1e6 / b1, 1),
+            "us_per_window_batch32": round(1e6 / b32, 1)}
+
+
 def measure_sparkplug_decode(seconds: float) -> dict[str, Any]:
     """Ceiling: the ``sparkplug`` decoder in-process on DDATA with 3 metrics by alias, msg/s.
 
@@ -2527,6 +2571,13 @@ def table(r: dict[str, Any]) -> str:
     row("  LiteRT infer, batch 18", b["batch18_windows_s"], "win/s")
     row("  LiteRT infer, batch alternating 32/18", b["alternating_32_18_windows_s"], "win/s",
         "batch 32", _ratio(b["alternating_32_18_windows_s"], b["batch32_windows_s"]))
+    ft = c.get("features")
+    if ft:
+        row(f"ceiling: feature stage, batch 1 ({ft['window']}x{ft['channels']} -> "
+            f"{ft['features']} features)", ft["batch1_windows_s"], "win/s",
+            "LiteRT batch 1", _ratio(ft["batch1_windows_s"], b["batch1_windows_s"]))
+        row("  feature stage, batch 32", ft["batch32_windows_s"], "win/s",
+            "LiteRT batch 32", _ratio(ft["batch32_windows_s"], b["batch32_windows_s"]))
     spd = c.get("sparkplug_decode")
     if spd:
         row("ceiling: Sparkplug B decode, DDATA 3 metrics", spd["ddata_3_metrics_msgs_s"],
@@ -2747,6 +2798,9 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
                 f"{found['binary']['rate']:,.0f}/s (diagnostic)")
         c["backend"] = backend
         c["sparkplug_decode"] = measure_sparkplug_decode(budget.backend_s)
+        c["features"] = measure_features(budget.backend_s)
+        log(f"  feature stage: {c['features']['us_per_window_batch1']:.0f} us/window at batch 1, "
+            f"{c['features']['us_per_window_batch32']:.0f} at batch 32")
         log(f"  Sparkplug B decode, DDATA 3 metrics: "
             f"{c['sparkplug_decode']['ddata_3_metrics_msgs_s']:,.0f} msg/s "
             f"({c['sparkplug_decode']['ratio_to_json']:.2f}x json)")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from floorline.edge.bundle.manifest import SCHEMA_VERSION, Manifest
+from floorline.edge.bundle.manifest import READABLE_SCHEMAS, Manifest
 from floorline.edge.errors import BundleError, ManifestError
 from tests.bundle_factory import ARTIFACT_FIELDS, FAKE_SHA, manifest_dict
 
@@ -114,7 +114,7 @@ INVALID: list[tuple[str, Callable[[Raw], None], list[str]]] = [
     ("unknown nested key", _set("input.scale", 2.0), ["input.scale", "not permitted"]),
     ("unknown artifact key", _set("artifacts.0.url", "x"), ["artifacts.0.url"]),
     ("missing required field", lambda r: r.pop("created_at"), ["created_at", "required"]),
-    ("schema version too new", _set("schema_version", 3), ["schema_version", "versions 1, 2"]),
+    ("schema version too new", _set("schema_version", 4), ["schema_version", "versions 1, 2, 3"]),
     ("schema version zero", _set("schema_version", 0), ["schema_version"]),
     ("semver two parts", _set("version", "1.0"), ["version", "'1.0'"]),
     ("semver leading v", _set("version", "v1.0.0"), ["version"]),
@@ -196,9 +196,9 @@ def test_invalid_manifest_is_refused_naming_the_field(
 
 def test_schema_error_says_which_version_is_supported() -> None:
     raw = manifest_dict(schema=1)
-    raw["schema_version"] = SCHEMA_VERSION + 1
+    raw["schema_version"] = max(READABLE_SCHEMAS) + 1
     message = _parse_error(raw)
-    assert f"reads versions 1, {SCHEMA_VERSION}" in message
+    assert f"reads versions {', '.join(map(str, READABLE_SCHEMAS))}" in message
 
 
 def test_many_errors_are_summarised() -> None:

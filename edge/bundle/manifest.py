@@ -26,9 +26,18 @@ from pydantic import (
 from floorline.edge.errors import ManifestError
 
 SCHEMA_VERSION = 2
-"""The manifest schema this version writes. Bump on any incompatible change."""
-READABLE_SCHEMAS = (1, 2)
-"""Schemas this version reads: 1 (one output, ``output``) and 2 (heads, ``outputs``)."""
+"""The manifest schema this version writes for a bundle without a feature stage."""
+FEATURES_SCHEMA = 3
+"""The schema of a bundle with a feature stage (``input.preprocessing``) or a drift reference
+(``reference``).
+
+Schema 2 with more keys: a gateway that reads only 2 would refuse them anyway (unknown keys are
+errors), but with "extra inputs are not permitted"; schema 3 makes it say "upgrade the gateway".
+Bundles without either stay schema 2, readable by every gateway since 0.2.
+"""
+READABLE_SCHEMAS = (1, 2, 3)
+"""Schemas this version reads: 1 (one output, ``output``), 2 (heads, ``outputs``) and 3 (2 with a
+feature stage or a drift reference)."""
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(
@@ -41,6 +50,8 @@ ArtifactFormat = Literal["tflite", "onnx"]
 Quantization = Literal["float32", "float16", "dynamic", "int8"]
 SourceFormat = Literal["keras", "h5", "savedmodel", "sklearn"]
 ScoreMetric = Literal["mse", "mae"]
+FeatureType = Literal["stats", "bands", "envelope", "order_bands"]
+StatName = Literal["rms", "peak", "crest", "kurtosis", "skewness"]
 
 
 class Task(str, Enum):
@@ -101,6 +112,123 @@ class Normalization(_Strict):
         return self
 
 
+Band = tuple[float, float]
+
+
+class FeatureBlock(_Strict):
+    """One block of a feature stage; see floorline.edge.stream.features for the definitions."""
+
+    type: FeatureType
+    channels: list[str] | None = Field(
+        default=None, description="Raw channels it reads (default: all but the speed channel)."
+    )
+    stats: list[StatName] | None = Field(
+        default=None, description="stats: which statistics, in order (default all five)."
+    )
+    bands: list[Band] | None = Field(
+        default=None,
+        description="bands and envelope: [lo, hi) in Hz; order_bands: in orders of the shaft.",
+    )
+    band: Band | None = Field(
+        default=None, description="envelope: the band [lo, hi) Hz demodulated (the resonance)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureBlock:
+        if self.channels is not None and (
+            not self.channels or len(set(self.channels)) != len(self.channels)
+        ):
+            raise ValueError("channels must name at least one channel, each once")
+        if self.type == "stats":
+            if self.bands is not None or self.band is not None:
+                raise ValueError("a stats block has no bands")
+            if self.stats is not None and len(set(self.stats)) != len(self.stats or [None]):
+                raise ValueError("stats must name at least one statistic, each once")
+            return self
+        if self.stats is not None:
+            raise ValueError(f"a {self.type} block has no stats")
+        if not self.bands:
+            raise ValueError(f"a {self.type} block needs bands: [[lo, hi], ...]")
+        for lo, hi in [*self.bands, *([self.band] if self.band else [])]:
+            if not 0 <= lo < hi:
+                raise ValueError(f"band [{lo:g}, {hi:g}] must have 0 <= lo < hi")
+        if (self.type == "envelope") != (self.band is not None):
+            raise ValueError("band: (the demodulated band) belongs to an envelope block, and only")
+        return self
+
+
+class SpeedChannel(_Strict):
+    """The raw channel holding the shaft speed, for order bands."""
+
+    channel: str = Field(min_length=1)
+    unit: Literal["Hz", "rpm"] = "Hz"
+
+
+class FeatureStage(_Strict):
+    """A feature stage (schema 3): raw windows become a feature vector before the model.
+
+    The window stays raw (``input.shape``, ``input.features`` are the sensor channels the decoders
+    fill); the model takes ``[null, len(names)]``, normalized by ``input.normalization`` (one
+    mean and std per name) after the features are computed.
+    """
+
+    sample_rate: float = Field(gt=0, description="Samples per second of the raw window (Hz).")
+    speed: SpeedChannel | None = None
+    blocks: list[FeatureBlock] = Field(min_length=1, max_length=64)
+    names: list[str] = Field(
+        min_length=1, max_length=4096, description="The resulting features, in order."
+    )
+
+    def check(self, channels: list[str], window: int) -> None:
+        """Raise ValueError if the stage does not fit windows of WINDOW samples of CHANNELS."""
+        from floorline.edge.stream.features import feature_names  # noqa: PLC0415 - cycle
+
+        nyquist = self.sample_rate / 2
+        known = set(channels)
+        if self.speed is not None and self.speed.channel not in known:
+            raise ValueError(f"speed channel {self.speed.channel!r} is not an input feature")
+        for i, block in enumerate(self.blocks):
+            missing = sorted(set(block.channels or []) - known)
+            if missing:
+                raise ValueError(f"blocks[{i}]: channel(s) {', '.join(missing)} not in the input")
+            if block.channels is None and not [c for c in channels if c != (
+                self.speed.channel if self.speed else None
+            )]:
+                raise ValueError(f"blocks[{i}]: no channel to read but the speed channel")
+            if block.type == "order_bands" and self.speed is None:
+                raise ValueError(f"blocks[{i}]: order_bands need speed: {{channel: NAME}}")
+            if block.type in ("bands", "envelope"):
+                for lo, hi in [*(block.bands or []), *([block.band] if block.band else [])]:
+                    if hi > nyquist:
+                        raise ValueError(
+                            f"blocks[{i}]: band [{lo:g}, {hi:g}] Hz goes above Nyquist "
+                            f"({nyquist:g} Hz at sample_rate {self.sample_rate:g})"
+                        )
+            if block.type == "envelope" and block.bands:
+                # The envelope of a band [lo, hi) holds frequencies below hi - lo only.
+                width = block.band[1] - block.band[0] if block.band else 0.0
+                if any(hi > width for _, hi in block.bands):
+                    raise ValueError(
+                        f"blocks[{i}]: envelope bands reach above the demodulated band's width "
+                        f"({width:g} Hz): widen band or lower bands"
+                    )
+        if window < 2:
+            raise ValueError("a feature stage needs windows of at least 2 samples")
+        expected = feature_names(self, channels)
+        if self.names != expected:
+            raise ValueError(
+                f"names must be the {len(expected)} features the blocks compute, in order "
+                f"(first difference: {_first_difference(self.names, expected)})"
+            )
+
+
+def _first_difference(have: list[str], want: list[str]) -> str:
+    for i, (a, b) in enumerate(zip(have, want, strict=False)):
+        if a != b:
+            return f"names[{i}] is {a!r}, expected {b!r}"
+    return f"{len(have)} names for {len(want)} features"
+
+
 class InputSpec(_Strict):
     """The model input: a window of samples, each a vector of named features."""
 
@@ -111,6 +239,17 @@ class InputSpec(_Strict):
     window: int = Field(ge=1, description="Samples per window (1 for per-sample models).")
     features: list[Feature] = Field(min_length=1)
     normalization: Normalization | None = None
+    preprocessing: FeatureStage | None = Field(
+        default=None,
+        description="Schema 3: a feature stage between the raw window and the model.",
+    )
+
+    @property
+    def model_shape(self) -> list[int | None]:
+        """The model's input tensor shape: the raw window's, or [null, features] after a stage."""
+        if self.preprocessing is not None:
+            return [None, len(self.preprocessing.names)]
+        return list(self.shape)
 
     @model_validator(mode="after")
     def _consistent(self) -> InputSpec:
@@ -126,7 +265,20 @@ class InputSpec(_Strict):
         expected_window = dims[0] if len(dims) == 2 else 1
         if self.window != expected_window:
             raise ValueError(f"window {self.window} does not match shape {self.shape}")
-        if self.normalization and len(self.normalization.mean) != len(self.features):
+        if self.preprocessing is not None:
+            if len(self.shape) != 3:
+                raise ValueError("a feature stage needs windows: shape [null, window, channels]")
+            try:
+                self.preprocessing.check([f.name for f in self.features], self.window)
+            except ValueError as exc:
+                raise ValueError(f"preprocessing: {exc}") from exc
+            width = len(self.preprocessing.names)
+            if self.normalization and len(self.normalization.mean) != width:
+                raise ValueError(
+                    "normalization must have one mean and std per feature of the stage's names "
+                    "(it applies after the features)"
+                )
+        elif self.normalization and len(self.normalization.mean) != len(self.features):
             raise ValueError("normalization must have one mean and std per feature")
         return self
 
@@ -312,8 +464,54 @@ class SourceInfo(_Strict):
 
 
 
+DriftStatistic = Literal["mean", "std", "class", "value"]
+
+
+class ReferenceHistogram(_Strict):
+    """One statistic's distribution on the reference data: counts in bins split at ``edges``.
+
+    Bin i holds the values v with edges[i-1] <= v < edges[i] (the first and last bins are open),
+    so ``len(counts) == len(edges) + 1``. Input statistics are per window and per input feature:
+    ``mean`` and ``std`` of its raw samples (``std`` only for windows of 2 samples or more).
+    Output statistics are per head: ``class`` (a classification head's top-1 class index, one
+    bin per class) or ``value`` (an anomaly score, a regression value: ``column`` of the head).
+    """
+
+    kind: Literal["input", "output"]
+    name: str = Field(min_length=1, description="The input feature, or the head.")
+    statistic: DriftStatistic
+    column: int = Field(default=0, ge=0, description="Output value: which of the head's values.")
+    edges: list[float] = Field(min_length=1, max_length=63)
+    counts: list[int] = Field(min_length=2, max_length=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReferenceHistogram:
+        if any(not a < b for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must increase strictly")
+        if len(self.counts) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.counts)} counts for {len(self.edges)} edges (needs +1)")
+        if any(c < 0 for c in self.counts) or not sum(self.counts):
+            raise ValueError("counts must be >= 0 and not all 0")
+        if (self.kind == "input") != (self.statistic in ("mean", "std")):
+            raise ValueError(f"statistic {self.statistic} is not one of an {self.kind}")
+        return self
+
+
+class ReferenceSummary(_Strict):
+    """What the calibration data looked like, for input drift detection on the gateway.
+
+    Made by the converter (``floorline.converter.drift_summary``) from its data files; the
+    gateway keeps the same histograms of live windows and compares (``floorline.edge.stream.
+    drift``). Optional: a bundle without one runs with drift detection off.
+    """
+
+    data: str = Field(min_length=1, description="Which data: calibration and/or parity files.")
+    windows: int = Field(ge=1, description="Windows summarized.")
+    histograms: list[ReferenceHistogram] = Field(min_length=1, max_length=4096)
+
+
 def _model_shape(spec: InputSpec) -> list[int | None]:
-    return list(spec.shape[1:])
+    return spec.model_shape[1:]
 
 
 class GoldenInfo(_Strict):
@@ -345,6 +543,9 @@ class Manifest(_Strict):
     )
     artifacts: list[Artifact] = Field(min_length=1)
     golden: GoldenInfo
+    reference: ReferenceSummary | None = Field(
+        default=None, description="Calibration data's summary, for input drift detection."
+    )
 
     @field_validator("schema_version")
     @classmethod
@@ -380,6 +581,12 @@ class Manifest(_Strict):
             self._check_v1()
         else:
             self._check_v2()
+        if self.input.preprocessing is not None and self.schema_version < FEATURES_SCHEMA:
+            raise ValueError(
+                f"input.preprocessing (a feature stage) needs schema_version {FEATURES_SCHEMA}"
+            )
+        if self.reference is not None and self.schema_version < FEATURES_SCHEMA:
+            raise ValueError(f"reference (a drift summary) needs schema_version {FEATURES_SCHEMA}")
         return self
 
     def _check_v1(self) -> None:
@@ -448,6 +655,11 @@ class Manifest(_Strict):
                     art["parity"].pop("heads", None)
         else:
             data = self.model_dump(mode="json", exclude={"output"})
+        if self.input.preprocessing is None:
+            # Absent, not null: a schema 2 manifest keeps the bytes every schema 2 gateway reads.
+            data["input"].pop("preprocessing", None)
+        if self.reference is None:  # absent, not null: the bytes older gateways read
+            data.pop("reference", None)
         text = json.dumps(data, indent=2, sort_keys=True)
         return (text + "\n").encode()
 

@@ -37,6 +37,16 @@ def describe(bundle: Bundle) -> str:
         f"created    {m.created_at} by floorline-convert {m.converter_version}",
         f"source     {m.source.name} ({m.source.format}, sha256 {m.source.sha256[:16]}…)",
         f"input      shape {inp.shape} {inp.dtype}; window {inp.window}; features {features}",
+        *(
+            [
+                f"features   {len(inp.preprocessing.names)} computed at "
+                f"{inp.preprocessing.sample_rate:g} Hz by "
+                + ", ".join(b.type for b in inp.preprocessing.blocks)
+                + f"; the model takes {inp.model_shape}"
+            ]
+            if inp.preprocessing is not None
+            else []
+        ),
         "normalize  "
         + (
             f"mean {inp.normalization.mean} std {inp.normalization.std}"

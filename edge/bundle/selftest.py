@@ -20,6 +20,7 @@ from floorline.edge.bundle.bundle import Bundle
 from floorline.edge.bundle.manifest import Artifact
 from floorline.edge.errors import BackendError, BundleError, RuntimeMissingError, SelfTestError
 from floorline.edge.stream.heads import HeadLayout
+from floorline.edge.stream.normalization import model_input
 
 AUTO_PREFER: tuple[str, ...] = tuple(backends.BACKENDS)  # plugin rank order
 """The backends ``backend: auto`` tries, in order (see ``auto_order``)."""
@@ -59,7 +60,12 @@ def run(backend: Backend, bundle: Bundle, artifact: Artifact) -> SelfTestReport:
         raise BundleError(f"golden data has no expected outputs for {artifact.file}")
     _check_input(backend, bundle, artifact)
     _check_heads(backend, bundle, artifact)
-    got = backend.infer(golden.inputs)
+    spec = bundle.manifest.input
+    # With a feature stage the golden inputs are raw windows: the gateway's own feature code runs
+    # on them, so the self-test checks the features as well as the model. Without one they are
+    # the model's inputs already (normalized), as schema 1 and 2 bundles always held.
+    inputs = model_input(golden.inputs, spec) if spec.preprocessing is not None else golden.inputs
+    got = backend.infer(inputs)
     _check_width(got, bundle, artifact)
     if got.shape != expected.shape:
         raise SelfTestError(
@@ -89,7 +95,8 @@ def run(backend: Backend, bundle: Bundle, artifact: Artifact) -> SelfTestReport:
 def _check_input(backend: Backend, bundle: Bundle, artifact: Artifact) -> None:
     # Golden inputs fit the model whatever the manifest says; the pipeline's windows are shaped
     # by the manifest, and would fail every batch.
-    want = tuple(bundle.manifest.input.shape[1:])
+    spec = bundle.manifest.input
+    want = tuple(spec.model_shape[1:])
     have = tuple(backend.input_spec.shape[1:])
     fits = len(have) == len(want) and all(
         h is None or h == w for h, w in zip(have, want, strict=True)
@@ -99,10 +106,11 @@ def _check_input(backend: Backend, bundle: Bundle, artifact: Artifact) -> None:
             f"{artifact.file}: the model takes inputs {('n', *have)}, but the manifest's input "
             f"is {('n', *want)}"
         )
-    if tuple(bundle.golden.inputs.shape[1:]) != want:
+    windows = tuple(spec.shape[1:]) if spec.preprocessing is not None else want
+    if tuple(bundle.golden.inputs.shape[1:]) != windows:
         raise BundleError(
             f"golden inputs are {bundle.golden.inputs.shape}, but the manifest's input is "
-            f"{('n', *want)}"
+            f"{('n', *windows)}"
         )
 
 

@@ -122,7 +122,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from floorline.edge.bundle import selftest  # noqa: PLC0415
     from floorline.edge.bundle.bundle import Bundle  # noqa: PLC0415
     from floorline.edge.stream.heads import HeadLayout  # noqa: PLC0415
-    from floorline.edge.stream.normalization import normalize  # noqa: PLC0415
+    from floorline.edge.stream.normalization import model_input  # noqa: PLC0415
 
     bundle = _open(args)
     assert isinstance(bundle, Bundle)  # noqa: S101
@@ -138,7 +138,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             options=BackendOptions(threads=args.threads, interpreter=args.interpreter),
         )
         try:
-            x = raw if args.normalized else normalize(raw, bundle.manifest.input)
+            # Raw windows: through the bundle's feature stage (if any) and normalization.
+            x = raw if args.normalized else model_input(raw, bundle.manifest.input)
             out = HeadLayout(bundle.manifest).values(x, loaded.backend.infer(x))
         finally:
             loaded.backend.close()
@@ -571,6 +572,17 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from floorline.edge.capture.export import export  # noqa: PLC0415
+
+    doc = export(args.state_dir, args.out, pipeline=args.pipeline, label=args.label,
+                 since=args.since, labelled=args.labelled)
+    labels = ", ".join(f"{k or '(none)'}: {v}" for k, v in sorted(doc["labels"].items()))
+    print(f"wrote {doc['windows']} windows {tuple(doc['shape'])} to {args.out} "
+          f"(labels: {labels}); provenance in {args.out.with_suffix('.json')}")
+    return 0
+
+
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory or .tar")
     p.add_argument("--trust", type=Path, action="append", help="trusted public key (repeat)")
@@ -784,6 +796,19 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--qos", type=int, choices=(0, 1), default=0)
     sub.add_parser("schema", help="print the config JSON Schema (configs/config.schema.json)")
+    cap = sub.add_parser("capture", help="captured windows: export them for floorline-convert")
+    csub = cap.add_subparsers(dest="capture_command", required=True)
+    cex = csub.add_parser(
+        "export", help="write captured windows as .npz (x, y, provenance) + a .json summary",
+        description="The .npz is what floorline-convert takes as --calibration or --parity-data "
+        "(array x, raw units); y holds the operator labels ('' for none).")
+    cex.add_argument("--state-dir", type=Path, required=True, help="the gateway's state_dir")
+    cex.add_argument("--out", type=Path, required=True, help="FILE.npz to write")
+    cex.add_argument("--pipeline", help="only this pipeline's windows")
+    cex.add_argument("--label", help="only windows an operator labelled LABEL")
+    cex.add_argument("--labelled", action="store_true", help="only labelled windows")
+    cex.add_argument("--since", metavar="T",
+                     help="only windows ending at or after T (epoch seconds or ISO 8601)")
     st = sub.add_parser("selftest", help="verify a bundle and run its golden self-test")
     _bundle_args(st)
     _runtime_args(st)
@@ -794,7 +819,8 @@ def _parser() -> argparse.ArgumentParser:
     _bundle_args(inf)
     _runtime_args(inf)
     inf.add_argument("--input", type=Path, required=True, help=".npy of raw windows (N, W, F)")
-    inf.add_argument("--normalized", action="store_true", help="input is already normalized")
+    inf.add_argument("--normalized", action="store_true",
+                     help="input is already the model input (features and normalization applied)")
     return parser
 
 
@@ -809,6 +835,7 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "simulate": _cmd_simulate,
     "schema": _cmd_schema,
+    "capture": _cmd_capture,
     "selftest": _cmd_selftest,
     "inspect": _cmd_inspect,
     "infer": _cmd_infer,

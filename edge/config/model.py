@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from floorline.edge.backends import BACKENDS
+from floorline.edge.capture.config import CaptureField
 from floorline.edge.decoders import DecoderConfig
 from floorline.edge.delivery.outbox import OutboxConfig
 from floorline.edge.errors import (
@@ -54,6 +55,7 @@ from floorline.edge.outputs import MqttOutputConfig, OutputConfig
 from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 from floorline.edge.service.metrics import MetricsConfig
 from floorline.edge.stream.batch import BatchConfig
+from floorline.edge.stream.drift import DriftConfig
 from floorline.edge.stream.window import WindowConfig
 
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -376,6 +378,17 @@ class PipelineConfig(_Strict):
         description="A candidate bundle run beside this pipeline's on the same windows, compared "
         "and reported (docs/config.md, Shadow models); it never affects the predictions.",
     )
+    workers: int = Field(
+        default=1, ge=1, le=8,
+        description="Processes that run this pipeline's stages (decode, windows, inference). 1: "
+        "a thread in the daemon (the default, least memory). N > 1: N worker processes, each "
+        "asset always on the same one (docs/workers.md); receipt mode only.",
+    )
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig,
+        description="Input drift detection against the bundle's calibration summary "
+        "(docs/monitoring.md#drift).",
+    )
     share_dispatch: Literal["round_robin", "sticky"] = Field(
         default="round_robin",
         description="How the broker spreads a `$share/<group>/...` subscription's messages over "
@@ -384,6 +397,12 @@ class PipelineConfig(_Strict):
         "window.hop) is refused. sticky: every message of an asset reaches the same gateway "
         "(e.g. EMQX shared_subscription_strategy = hash_topic with the asset in the topic); "
         "trusted, and logged once as an assumption.",
+    )
+    capture: CaptureField = Field(
+        default=None,
+        description="Keep raw windows on disk for retraining: sampled, around alerts, low "
+        "confidence, labelled by operators over MQTT (docs/monitoring.md, Data capture). "
+        "Declared after workers: it needs workers: 1.",
     )
 
     @field_validator("subscribe")
@@ -413,6 +432,31 @@ class PipelineConfig(_Strict):
         if self.decoder.type == "json" and getattr(self.decoder, "samples", None) is None:
             return "json decoder without samples: one sample per message"
         return None
+
+    def workers_reason(self) -> str | None:
+        """Why ``workers > 1`` cannot run this pipeline, or None (docs/workers.md)."""
+        if self.workers == 1:
+            return None
+        refusals = [
+            (self.ack == "durable",
+             "ack: durable needs workers: 1 (worker processes run in receipt mode only)"),
+            (self.asset.payload,
+             ("asset.payload: true needs workers: 1: the daemon sends each message to a "
+              "worker by the asset in its topic")),
+            (self.shadow is not None,
+             "shadow: needs workers: 1 (shadow models run in the daemon's thread only)"),
+            (self.threads > 1,
+             "threads: > 1 needs workers: 1 (each worker process infers on one thread)"),
+            ("sparkplug" in (self.decoder.type, getattr(self.output, "type", None)),
+             "sparkplug decoders and outputs need workers: 1 (they keep node sessions)"),
+        ]
+        return next((reason for refused, reason in refusals if refused), None)
+
+    @model_validator(mode="after")
+    def _workers(self) -> PipelineConfig:
+        if (reason := self.workers_reason()) is not None:
+            raise ValueError(f"workers: {self.workers}: {reason}")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from floorline.edge.bundle.store import BundleStore, parse_ref
+from floorline.edge.capture.service import CaptureService
 from floorline.edge.config import check_fit
 from floorline.edge.config.model import Config, PipelineConfig
 from floorline.edge.daemon.acks import AckTracker
@@ -49,6 +50,7 @@ from floorline.edge.daemon.pipeline import Pipeline
 from floorline.edge.daemon.routing import Handler, Router
 from floorline.edge.daemon.sparkplug_node import EdgeNodes
 from floorline.edge.daemon.state import bundle_info, state_document
+from floorline.edge.daemon.workers import WorkerPipeline
 from floorline.edge.delivery.outbox import Outbox
 from floorline.edge.delivery.publisher import Publisher
 from floorline.edge.errors import FloorlineError
@@ -91,6 +93,8 @@ class Daemon:
         """Sparkplug edge nodes of ``sparkplug`` outputs: own connections (docs/sparkplug.md)."""
         self._apply_lock = threading.Lock()
         self._extra_subscriptions: list[str] = []
+        self.capture = CaptureService(self.state_dir, self.gateway)
+        """Data capture: the store and the label command (``floorline.edge.capture``)."""
         self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
         self.health_period_s = HEALTH_PERIOD_S
         self.stall_s = STALL_S
@@ -171,7 +175,10 @@ class Daemon:
         try:
             check_fit(pc, model.bundle.manifest)  # what `floorline check` refuses, run refuses
             shadow = load_shadow(config, pc, self.store)  # a candidate beside it (`shadow`)
-            return Pipeline(
+            if pc.workers > 1:  # stages in worker processes, started with the generation
+                return WorkerPipeline(config, pc, model, self.send, self.metrics.observe_batch,
+                                      self.state_dir, config.fleet.store_max_bytes)
+            pipeline = Pipeline(
                 pc,
                 gateway=self.gateway,
                 topics=config.topics,
@@ -191,6 +198,14 @@ class Daemon:
             model.backend.close()
             model.bundle.close()
             raise
+        pipeline.capture = self.capture.policy(  # None without `capture:`
+            pc.capture, pipeline=pc.name, manifest=model.bundle.manifest,
+            sha256=model.artifact.sha256, labels=pc.labels, thresholds=pc.thresholds)
+        if pipeline.capture is not None and self.capture.topic not in self._extra_subscriptions:
+            # The label command, from the first configuration with capture on (start, reload or
+            # push: `apply` subscribes the extra topics with the new generation's).
+            self.add_route(self.capture.topic, self.capture.on_label)
+        return pipeline
 
     def load(self, config: Config | None = None) -> None:
         """Open the state directory, then verify and build the pipelines (no network yet)."""
@@ -310,6 +325,12 @@ class Daemon:
             except FloorlineError as exc:
                 log.warning("configuration refused, the running one stays: %s", exc)
                 return ApplyResult(ok=False, reason=str(exc))
+            # Worker processes (``workers: N``) load before the switch: a failure refuses it.
+            reason = new.prepare()
+            if reason is not None:
+                new.discard()
+                log.warning("configuration refused, the running one stays: %s", reason)
+                return ApplyResult(ok=False, reason=reason)
             old = self.router.generation
             carried: list[str] = []
             with self.router.holding() as held:
@@ -408,6 +429,7 @@ class Daemon:
             "delivered": pub.delivered if pub else 0,
             "journal_error": self.journal.error if self.journal else self.journal_error,
             "pipelines": {p.name: p.stats() for p in self.pipelines},
+            "capture": self.capture.stats(),
         }
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -438,6 +460,7 @@ class Daemon:
             self.journal.close()
         if self.router.generation is not None:
             self.router.generation.close()
+        self.capture.close()  # after the workers: their last windows are written
         log.info("stopped (%s)", reason)
 
     def wait(self, timeout: float | None = None) -> bool:

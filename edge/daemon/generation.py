@@ -51,7 +51,29 @@ class Generation:
     def start(self) -> None:
         """Start every pipeline's worker."""
         for p in self.pipelines:
+            # Worker processes first (``workers: N``): forked, if at all, before any thread here.
+            launch = getattr(p, "launch", None)
+            if launch is not None:
+                launch()
+        for p in self.pipelines:
             p.start()
+
+    def prepare(self) -> str | None:
+        """Start worker processes (``workers: N``) and wait until they loaded; why not, or None.
+
+        Before a switch: a worker that cannot load refuses the configuration.
+        """
+        for p in self.pipelines:
+            wait_ready = getattr(p, "wait_ready", None)
+            if wait_ready is not None and (reason := wait_ready()) is not None:
+                return str(reason)
+        return None
+
+    def discard(self) -> None:
+        """Undo ``prepare`` and release everything (a switch that did not happen)."""
+        for p in self.pipelines:
+            p.stop()
+        self.close()
 
     def close(self) -> None:
         """Release the outputs and models (after the workers stopped)."""

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from floorline.edge.bundle.selftest import LoadedModel
+from floorline.edge.capture.policy import Capture
 from floorline.edge.config.model import LimitsConfig, PipelineConfig, TopicsConfig
 from floorline.edge.daemon.inbox import Inbox
 from floorline.edge.daemon.journal import WindowJournal
@@ -59,9 +60,10 @@ from floorline.edge.errors import BackendError, ConfigError, DecodeError
 from floorline.edge.messages import Inbound, Outbound
 from floorline.edge.outputs import OutputContext, make_output
 from floorline.edge.stream.batch import Batcher
+from floorline.edge.stream.drift import make_monitor
 from floorline.edge.stream.encode import dead_letter
 from floorline.edge.stream.heads import HeadLayout
-from floorline.edge.stream.normalization import normalize
+from floorline.edge.stream.normalization import model_input
 from floorline.edge.stream.window import Window, Windower
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,9 @@ class Pipeline:
         self._batcher: Batcher[Window] = Batcher(
             config.batch.max_batch, config.batch.max_wait_ms / 1000.0
         )
+        # Input drift against the bundle's reference summary (None: off, or no summary).
+        self.drift = make_monitor(config.drift, manifest, gateway=gateway, pipeline=config.name,
+                                  workers=config.workers)
         self.output = make_output(
             config.output,
             OutputContext(
@@ -173,6 +178,7 @@ class Pipeline:
                 labels=config.labels,
                 thresholds=config.thresholds,
                 sessions=sessions,
+                drift=self.drift.flagged if self.drift is not None else None,
             ),
         )
         self.shadow: ShadowRunner | None = None
@@ -198,6 +204,8 @@ class Pipeline:
         self._max_fed = 2 * config.window.max_assets
         self._held: list[tuple[int, int]] = []  # processed, not yet released (durable)
         self._touched: set[str] = set()
+        self.capture: Capture | None = None
+        """Data capture (``floorline.edge.capture``), set by the daemon with ``capture:``."""
         # Written by paho's thread only: received, shed, dropped_inbox_full. The rest by the
         # worker.
         self.counters: Counter[str] = Counter()
@@ -433,6 +441,49 @@ class Pipeline:
             self.shadow.maybe_report(time.monotonic())
         return True
 
+    # -- a worker process's loop (``workers: N``, floorline.edge.daemon.workers) -------------
+
+    def batch_timeout(self) -> float | None:
+        """Seconds until the batcher's oldest window is due (None: nothing waits)."""
+        return self._batcher.timeout()
+
+    def process(self, items: list[Inbound]) -> None:
+        """Handle ITEMS as the worker thread does (receipt mode: no tokens, no gap markers)."""
+        self._taken += len(items)
+        for topic, payload, received, _token in items:
+            try:
+                self._handle(topic, payload, received)
+            except Exception as exc:  # noqa: BLE001, PERF203 - this message only: dead-lettered
+                self._internal_error(exc, topic, len(payload))
+        self._tally = (self._taken, self._dead, self._failed)
+        self.last_progress = time.monotonic()
+
+    def tick(self) -> None:
+        """Infer the batch that is due, if any."""
+        due = self._batcher.take_due()
+        if due:
+            self._infer(due)
+            self._tally = (self._taken, self._dead, self._failed)
+
+    def flush(self) -> None:
+        """Infer whatever waits in the batcher (stopping)."""
+        rest = self._batcher.drain()
+        if rest:
+            self._infer(rest)
+        self._tally = (self._taken, self._dead, self._failed)
+
+    def snapshot(self) -> dict[str, object]:
+        """What a worker process reports: its counters and windower facts."""
+        return {
+            "taken": self._taken,
+            "tally": self._tally,
+            "counters": dict(self.counters),
+            "dead_letters": dict(self.dead_letters),
+            "pending_samples": sum(self._windower.pending().values()),
+            "window_resets": dict(self._windower.resets),
+            "duplicates": self._windower.duplicates,
+        }
+
     def _settle(self) -> None:
         """Release held messages once nothing they contributed can still be lost."""
         if not self._held or len(self._batcher):
@@ -568,7 +619,7 @@ class Pipeline:
     def _infer_batch(self, batch: list[Window]) -> None:
         raw = np.stack([w.values for w in batch])
         x = raw.reshape(len(batch), -1) if self._flat_input else raw
-        x = normalize(x, self._spec)
+        x = model_input(x, self._spec)  # the bundle's feature stage, if any, then its normalization
         start = time.perf_counter()
         try:
             out = self.model.backend.infer(x)
@@ -582,6 +633,7 @@ class Pipeline:
         self.counters["batches"] += 1
         self.counters["batched_windows"] += len(batch)
         now = time.monotonic()
+        drift = self.drift.observe(batch, raw, out, now) if self.drift is not None else None
         if self._observe is not None:
             # Once per batch: metrics cost nothing per message.
             self._observe(self.name, len(batch), inference_ms / 1e3,
@@ -591,7 +643,11 @@ class Pipeline:
         # With each asset's next seq, stored in that same transaction (issue 14, finding 7).
         marks = SeqMarks(self.name, {w.asset: w.index + 1 for w in batch})
         self._submit(Predictions(messages, marks))
+        if drift:  # the drift stats message, and alerts (never raises: stream.drift)
+            self._submit(drift)
         self.counters["predictions"] += len(batch)  # an output may send them its own way
+        if self.capture is not None:  # raw windows for retraining; never blocks, never raises
+            self.capture.offer(batch, out)
         if self.shadow is not None:
             # After the primary's predictions are submitted; never raises (counted in there).
             self.shadow.run(batch, raw, out, inference_ms)
@@ -642,7 +698,11 @@ class Pipeline:
         }
         if self.shedder is not None:
             out["shed_assets"] = self.shedder.shedding()[0]
+        if self.drift is not None:
+            out["drift"] = self.drift.document
         if self.shadow is not None:
             out.update(self.shadow.counters())
             out["shadow"] = self.shadow.document()
+        if self.capture is not None:
+            out.update(self.capture.counters())
         return out

@@ -38,7 +38,7 @@ from floorline.edge.errors import ConfigError
 from floorline.edge.messages import Outbound
 from floorline.edge.stream.encode import PredictionEncoder
 from floorline.edge.stream.heads import HeadLayout
-from floorline.edge.stream.normalization import normalize
+from floorline.edge.stream.normalization import model_input
 from floorline.edge.stream.shadow import ShadowStats
 from floorline.edge.stream.window import Window
 
@@ -158,7 +158,7 @@ class ShadowRunner:
             return
         try:
             x = raw.reshape(len(batch), -1) if self._flat else raw
-            x = normalize(x, self._spec)
+            x = model_input(x, self._spec)
             start = time.perf_counter()
             out = self.model.backend.infer(x)
             ms = (time.perf_counter() - start) * 1e3

@@ -51,6 +51,8 @@ class OutputContext:
     sessions: Any = None
     """The daemon's Sparkplug edge nodes (``daemon.sparkplug_node.EdgeNodes``), for an output
     that publishes through a session of its own; None outside the daemon."""
+    drift: Callable[[str], bool] | None = None
+    """Whether an asset's input drifts now (``stream.drift.DriftMonitor.flagged``); None: off."""
 
 
 class Output(Protocol):

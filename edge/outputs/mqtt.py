@@ -36,6 +36,7 @@ class MqttOutput:
             topic_template=config.topic or context.prediction_topic,
             labels=context.labels,
             thresholds=context.thresholds,
+            drift=context.drift,
         )
         self._qos = config.qos
         self._retain = config.retain

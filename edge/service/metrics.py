@@ -20,7 +20,10 @@ Series (all ``floorline_``; counters end in ``_total``), per ``pipeline`` unless
 ``end_to_end_seconds`` (histograms); and gateway-wide ``outbox_messages``, ``outbox_bytes``,
 ``outbox_degraded`` (gauges), ``outbox_dropped`` {reason}, ``published``, ``delivered``,
 ``unroutable``, ``mqtt_reconnects`` (counters), ``mqtt_connected`` (gauge),
-``bundle_info`` {pipeline, name, version, sha256, artifact, runtime}. ``METRIC_NAMES`` lists
+``bundle_info`` {pipeline, name, version, sha256, artifact, runtime}; with drift detection
+(``stream.drift``) ``drift_score``, ``drift_windows``, ``drift_active``, ``drift_psi`` and
+``drift_ks`` {pipeline, feature, statistic}, ``drift_output_psi`` {pipeline, output} (gauges),
+``drift_alerts`` (counter). ``METRIC_NAMES`` lists
 them as exposed. A pipeline replaced at run time starts its counters from zero again, which
 Prometheus' ``rate()`` treats as a counter reset.
 """
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
+    "DRIFT_METRIC_NAMES",
     "END_TO_END_BUCKETS_S",
     "INFERENCE_BUCKETS_S",
     "METRIC_NAMES",
@@ -185,6 +189,11 @@ _PIPELINE_GAUGES = (
     ("pending_samples", "pending_samples", "Samples held towards the next windows."),
     ("shed_assets", "shed_assets", "Assets whose messages are being shed now (overload)."),
 )
+_DRIFT_GAUGES = (
+    # (series and Daemon.stats()["pipelines"][name]["drift"] key, help); stream.drift
+    ("drift_score", "Input drift score: the largest measure over the input statistics."),
+    ("drift_windows", "Windows in the drift period judged."),
+)
 _HISTOGRAMS = (
     ("batch_size", "Windows per inference call."),
     ("inference_seconds", "Inference time per batch."),
@@ -209,7 +218,15 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "floorline_bundle_info",
     ]
 )
-"""Every sample name the endpoint exposes (dashboards and alerts may use only these)."""
+"""Every sample name the endpoint exposes (dashboards and alerts may use only these and, with
+drift detection, ``DRIFT_METRIC_NAMES``)."""
+
+DRIFT_METRIC_NAMES: frozenset[str] = frozenset(
+    [f"floorline_{s}" for s, _ in _DRIFT_GAUGES]
+    + ["floorline_drift_active", "floorline_drift_psi", "floorline_drift_ks",
+       "floorline_drift_output_psi", "floorline_drift_alerts_total"]
+)
+"""Sample names exposed besides METRIC_NAMES while a pipeline runs drift detection."""
 
 
 def _num(value: object) -> float:
@@ -327,6 +344,8 @@ class Metrics:
             for name, p in pipelines.items():
                 g.add_metric([name], _num(_mapping(p).get(key)))
             yield g
+
+        yield from _drift_families(pipelines)
 
         with self._lock:  # copy under the lock; build the families outside it
             snapshot = {
@@ -460,6 +479,49 @@ class Metrics:
             return []
 
 
+def _drift_families(pipelines: Mapping[str, Any]) -> Iterator[Metric]:
+    """Drift measures of the pipelines that run drift detection (``stream.drift`` documents)."""
+    from prometheus_client.metrics_core import (  # noqa: PLC0415 - optional extra
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    docs = {n: d for n, p in pipelines.items() if (d := _mapping(_mapping(p).get("drift")))}
+    for series, doc in _DRIFT_GAUGES:
+        g = GaugeMetricFamily(f"floorline_{series}", doc, labels=["pipeline"])
+        key = series.removeprefix("drift_")
+        for name, d in docs.items():
+            if isinstance(d.get(key), (int, float)):
+                g.add_metric([name], _num(d.get(key)))
+        yield g
+    active = GaugeMetricFamily(
+        "floorline_drift_active",
+        "1 while the input drifts (per_asset: the number of assets drifting).",
+        labels=["pipeline"],
+    )
+    alerts = CounterMetricFamily("floorline_drift_alerts", "Drift alerts sent.",
+                                 labels=["pipeline"])
+    fams = {m: GaugeMetricFamily(f"floorline_drift_{m}", f"Input drift ({m}) per feature and "
+                                 "statistic (mean, std of each window).",
+                                 labels=["pipeline", "feature", "statistic"])
+            for m in ("psi", "ks")}
+    out_psi = GaugeMetricFamily("floorline_drift_output_psi",
+                                "Shift of the model's outputs (PSI), reported, never alarmed on.",
+                                labels=["pipeline", "output"])
+    for name, d in docs.items():
+        assets = _mapping(d.get("assets"))
+        active.add_metric([name], _num(assets.get("drifting")) if assets
+                          else float(bool(d.get("drifting"))))
+        alerts.add_metric([name], _num(d.get("alerts")))
+        for feature, stats in _mapping(d.get("features")).items():
+            for statistic, measures in _mapping(stats).items():
+                for m, fam in fams.items():
+                    fam.add_metric([name, feature, statistic], _num(_mapping(measures).get(m)))
+        for output, measures in _mapping(d.get("outputs")).items():
+            out_psi.add_metric([name, output], _num(_mapping(measures).get("psi")))
+    yield from (active, alerts, *fams.values(), out_psi)
+
+
 class _HistogramTotals(NamedTuple):
     batches: float
     windows_batched: float
@@ -511,6 +573,9 @@ def _pipeline_summary(
         "end_to_end_ms": mean("e2e_s", "e2e_count", 1e3),
         "batch": mean("windows_batched", "batches"),
     }
+    drift = _mapping(p.get("drift"))
+    if drift:
+        summary["drift"] = {"score": drift.get("score"), "drifting": bool(drift.get("drifting"))}
     return summary, totals
 
 

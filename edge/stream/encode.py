@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,10 @@ class PredictionEncoder:
         topic_template: str,
         labels: list[str] | None = None,
         thresholds: dict[str, float] | None = None,
+        drift: Callable[[str], bool] | None = None,
     ) -> None:
+        """DRIFT(asset): whether ASSET's input drifts now (``stream.drift``): ``drift: true``."""
+        self._drift = drift
         self._gateway = gateway
         self._pipeline = pipeline
         self._template = topic_template
@@ -196,6 +200,8 @@ class PredictionEncoder:
             "ts": wall,
             **self._outputs(values),
         }
+        if self._drift is not None and self._drift(window.asset):
+            message["drift"] = True
         return orjson.dumps(message)
 
 
