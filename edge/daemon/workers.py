@@ -118,10 +118,12 @@ class WorkerPipeline(Pipeline):
 
     def __init__(self, config: Config, pc: PipelineConfig, model: Any, send: Submit,
                  observe: Any, state_dir: Path, store_max_bytes: int) -> None:
-        self._sink = Sink(send)
+        self.sink = Sink(send)
+        """Where the pipeline's messages go: the reader's publish path, or in a worker process
+        the frame being collected for the reader."""
         super().__init__(pc, gateway=config.gateway.id, topics=config.topics,
-                         limits=config.limits, model=model, submit=self._sink,
-                         observe=self._sink.observe, restore=False)
+                         limits=config.limits, model=model, submit=self.sink,
+                         observe=self.sink.observe, restore=False)
         self._full_config = config
         self._index = next(i for i, p in enumerate(config.pipelines) if p.name == pc.name)
         self._metrics_observe = observe
@@ -283,7 +285,7 @@ class WorkerPipeline(Pipeline):
                 break
             kind, out, batches, snapshot, states = frame
             for messages, marks in out:
-                self._sink(Predictions(messages, marks) if marks is not None else messages)
+                self.sink(Predictions(messages, marks) if marks is not None else messages)
             for batch in batches:
                 if self._metrics_observe is not None:
                     self._metrics_observe(*batch)
@@ -421,7 +423,7 @@ def _fork_main(template: WorkerPipeline, conn: Connection, parent: Connection) -
         with contextlib.suppress(OSError):
             os.close(other.fileno())
     # This process's copy of the sink (the decoder and the pipeline hold it): collect, not send.
-    sink = template._sink  # noqa: SLF001
+    sink = template.sink
     sink.target, sink.out, sink.batches = None, [], []
     _serve(template, sink, conn)
 

@@ -181,6 +181,10 @@ class PlantSimulator:
         self._history_lock = threading.Lock()
         self._spb: _Sparkplug | None = _Sparkplug(self) if config.fmt == "sparkplug" else None
 
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish PAYLOAD on TOPIC through the simulator's publish path (its Sparkplug node)."""
+        self._publish(topic, payload)
     def stop(self) -> None:
         """Ask run() to return after the current tick."""
         self._stop.set()
@@ -432,4 +436,4 @@ class _Sparkplug:
         return self._t.device_topic(self._group, kind, self._node, device)
 
     def _send(self, topic: str, message: sp.Payload) -> None:
-        self._sim._publish(topic, message.SerializeToString())  # noqa: SLF001 - its publish path
+        self._sim.send(topic, message.SerializeToString())
