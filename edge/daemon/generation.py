@@ -107,10 +107,13 @@ def sharing_warnings(pipelines: list[Pipeline]) -> list[tuple[str, str]]:
         if not shared or size == 1:
             continue
         if pc.share_dispatch == "sticky":
+            # A Sparkplug node's births and data are on different topics: only hashing by the
+            # sending client keeps them together.
+            strategy = "hash_clientid" if pc.decoder.type == "sparkplug" else "hash_topic"
             text = (
                 f"pipeline {p.name}: share_dispatch: sticky: assuming the broker sends every "
                 f"message of an asset on {shared[0]} to the same gateway (e.g. EMQX "
-                "shared_subscription_strategy = hash_topic); if it does not, this gateway sees "
+                f"shared_subscription_strategy = {strategy}); if it does not, this gateway sees "
                 f"only some of an asset's samples and its {size}-sample windows are cut at every "
                 "gap (or, without sequence numbers and timestamps, mixed); docs/scale-out.md"
             )
