@@ -58,6 +58,7 @@ from floorline.edge.delivery.outbox import SeqMarks
 from floorline.edge.delivery.publisher import Predictions
 from floorline.edge.errors import BackendError, ConfigError, DecodeError
 from floorline.edge.messages import Inbound, Outbound
+from floorline.edge.mqtt.topics import topic_level
 from floorline.edge.outputs import OutputContext, make_output
 from floorline.edge.stream.batch import Batcher
 from floorline.edge.stream.drift import make_monitor
@@ -541,13 +542,7 @@ class Pipeline:
     def _asset_of(self, topic: str) -> str | None:
         if topic in self._assets:
             return self._assets[topic]
-        asset = None
-        if self._segment is not None:
-            levels = topic.split("/")
-            try:
-                asset = levels[self._segment] or None
-            except IndexError:
-                asset = None
+        asset = None if self._segment is None else topic_level(topic, self._segment)
         if len(self._assets) < 100_000:  # a cache, bounded against floods of distinct topics
             self._assets[topic] = asset
         return asset

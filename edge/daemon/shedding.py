@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from floorline.edge.daemon.inbox import Inbox
 from floorline.edge.messages import Inbound, Token
+from floorline.edge.mqtt.topics import topic_level
 
 __all__ = ["GAP", "GROW_S", "HIGH", "HOLD_S", "LOW", "Controller", "Shedder", "key_hash"]
 
@@ -204,13 +205,7 @@ class Shedder:
         self._gapped.clear()
 
     def _key(self, topic: str) -> tuple[str | None, int]:
-        key: str | None = topic
-        if self._segment is not None:
-            levels = topic.split("/")
-            try:
-                key = levels[self._segment] or None
-            except IndexError:
-                key = None
+        key = topic if self._segment is None else topic_level(topic, self._segment)
         entry = (key, NEVER if key is None else key_hash(key))
         if key is not None:
             self.controller.know(entry[1])

@@ -149,7 +149,7 @@ class WorkerPipeline(Pipeline):
         part = self._parts.get(topic)
         if part is None:
             asset = self._asset_of(topic)
-            part = zlib.crc32(asset.encode()) % len(self._workers) if asset else 0
+            part = self._owner(asset) if asset else 0
             if len(self._parts) < 100_000:
                 self._parts[topic] = part
         return part

@@ -66,3 +66,15 @@ def shared_filter_error(topic_filter: str) -> str | None:
     if "+" in parts[1] or "#" in parts[1]:
         return f"{topic_filter!r}: the share group {parts[1]!r} may not hold '+' or '#'"
     return None
+
+
+def topic_level(topic: str, index: int) -> str | None:
+    """TOPIC's level at INDEX (negative counts from the end), or None if missing or empty.
+
+    How a pipeline names a message's asset from ``asset.topic_segment``.
+    """
+    levels = topic.split("/")
+    try:
+        return levels[index] or None
+    except IndexError:
+        return None
