@@ -13,12 +13,18 @@ terminal summary lists those records, so a run says what each broker lost, not o
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.mqtt_broker import (
@@ -174,3 +180,65 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("messages lost by brokers (not by floorline)")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+class ZooRun:
+    """``python -m tests.zoo`` in the background at the lowest CPU priority (tests/test_zoo.py).
+
+    Four minutes of TensorFlow conversions that need no broker: started when the session's
+    tests are known, it uses the cores while the other tests wait on sockets, and nice 19 keeps
+    it from taking CPU a timing-sensitive test wants.
+    """
+
+    TIMEOUT_S = 1800.0
+
+    def __init__(self) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix="floorline-zoo-"))
+        self.out = self.work / "cells.json"
+        self.log = self.work / "zoo.log"
+        root = Path(__file__).resolve().parent.parent
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.zoo", "--out", str(self.work / "bundles"),
+                 "--json", str(self.out)],
+                cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=lambda: os.nice(19),  # noqa: PLW1509 - no threads yet at collection
+            )
+
+    def result(self) -> list[Any]:
+        """The zoo's rows, once the run has finished; fails with its log if it broke."""
+        from tests import zoo  # noqa: PLC0415 - imports the converter (TensorFlow)
+
+        try:
+            self.process.wait(timeout=self.TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if not self.out.is_file():
+            tail = self.log.read_text(errors="replace")[-4000:]
+            pytest.fail(f"the zoo run wrote no table (exit {self.process.returncode}):\n{tail}")
+        return [zoo.Row(**row) for row in orjson.loads(self.out.read_bytes())]
+
+    def stop(self) -> None:
+        """Kill the run if the session ends first (a -x stop); remove its bundles."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+ZOO_RUN = pytest.StashKey[ZooRun]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the zoo run when tests/test_zoo.py is among the selected tests."""
+    if session.config.option.collectonly:
+        return
+    if any(item.path.name == "test_zoo.py" for item in session.items):
+        session.config.stash[ZOO_RUN] = ZooRun()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop a zoo run that is still going."""
+    run = session.config.stash.get(ZOO_RUN, None)
+    if run is not None:
+        run.stop()

@@ -1,24 +1,28 @@
 """Every zoo shape converts to every target its format can express, and a gateway runs it.
 
 The zoo and the checks live in ``tests/zoo.py`` (``python -m tests.zoo`` prints the table).
-One module-scoped run converts each model once per target; each test then asserts its model's
-cells, so a failure names the shape and target.
+One run converts each model once per target; each test then asserts its model's cells, so a
+failure names the shape and target. The run is ``python -m tests.zoo`` itself, started by
+``tests/conftest.py`` at the start of the session at the lowest CPU priority: it is four minutes
+of pure computation, and the rest of the suite mostly waits on brokers and daemons, so it runs in
+their idle time instead of after them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests import zoo
+from tests.conftest import ZOO_RUN
 
 pytestmark = pytest.mark.tensorflow
 
 
 @pytest.fixture(scope="module")
-def cells(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[zoo.Row]]:
-    rows = zoo.run(None, Path(tmp_path_factory.mktemp("zoo")))
+def cells(request: pytest.FixtureRequest) -> dict[str, list[zoo.Row]]:
+    run = request.config.stash.get(ZOO_RUN, None)
+    assert run is not None, "tests/conftest.py did not start the zoo run"
+    rows = run.result()
     by_model: dict[str, list[zoo.Row]] = {}
     for row in rows:
         by_model.setdefault(row.model, []).append(row)

@@ -1,6 +1,6 @@
 """The converter's model zoo: every shape plants train, through ``convert()`` to every target.
 
-    .venv/bin/python -m tests.zoo [--out DIR] [NAME ...]     # prints the markdown table
+    .venv/bin/python -m tests.zoo [--out DIR] [--json FILE] [NAME ...]   # prints the table
 
 Each model of ``tests.keras_zoo`` and ``tests.sklearn_zoo`` is converted once per target it
 supports (a bundle per target, so one target's failure does not hide the others'), with the
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.zoo")
     parser.add_argument("names", nargs="*", help="zoo models (default: all)")
     parser.add_argument("--out", type=Path, help="keep the bundles here")
+    parser.add_argument("--json", type=Path, help="also write the cells here (tests/test_zoo.py)")
     args = parser.parse_args(argv)
     work = args.out or Path(tempfile.mkdtemp(prefix="floorline-zoo-"))
     rows = run(args.names or None, work)
     print(table(rows))
+    if args.json is not None:
+        # Written whole, then renamed: a reader never sees half a table.
+        part = args.json.with_suffix(".part")
+        part.write_bytes(orjson.dumps([asdict(r) for r in rows]))
+        part.replace(args.json)
     return 0 if all(r.ok for r in rows) else 1
 
 
