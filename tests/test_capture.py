@@ -74,6 +74,19 @@ def rows(svc: CaptureService) -> dict[int, str]:
         conn.close()
 
 
+def rows_by_asset(svc: CaptureService) -> dict[tuple[str, int], str]:
+    """Stored (asset, seq) -> reasons, after the writer caught up."""
+    assert svc.store is not None
+    assert svc.store.flush()
+    import sqlite3  # noqa: PLC0415
+
+    conn = sqlite3.connect(svc.path)
+    try:
+        return {(a, q): r for a, q, r in conn.execute("SELECT asset, seq, reasons FROM windows")}
+    finally:
+        conn.close()
+
+
 def offer(cap: Capture, batch: list[Window], *outs: np.ndarray) -> None:
     out = np.stack([outs[i] if i < len(outs) else HEALTHY for i in range(len(batch))])
     cap.offer(batch, out)
@@ -116,6 +129,22 @@ def test_a_mark_keeps_the_windows_around_it(service):
     cap.mark("drift", "a")  # F2's drift detector calls this
     offer(cap, windows("a", 5, 3))
     assert rows(service) == {3: "before_drift", 4: "before_drift", 5: "drift", 6: "after_drift"}
+
+
+def test_a_pipeline_wide_mark_keeps_every_assets_windows_around_it(service):
+    cap = policy(service, before=1, after=1)
+    offer(cap, windows("a", 0, 3))
+    offer(cap, windows("b", 0, 3))
+    cap.mark("drift")  # the whole pipeline drifts
+    offer(cap, windows("c", 0, 3))  # c had nothing held: its first window here is the marked one
+    offer(cap, windows("a", 3, 2) + windows("b", 3, 2))
+    assert rows_by_asset(service) == {
+        ("a", 2): "before_drift", ("a", 3): "after_drift",
+        ("b", 2): "before_drift", ("b", 3): "after_drift",
+        ("c", 0): "drift", ("c", 1): "after_drift",
+    }
+    reasons = service.stats()["pipelines"]["vib"]["reasons"]
+    assert reasons == {"before_drift": 2, "drift": 1, "after_drift": 3}
 
 
 def test_nothing_is_recorded_without_a_reason(service):
@@ -171,6 +200,8 @@ def test_age_bound_and_rolling_keep(service, monkeypatch):
     put(3, 10, False)  # recent: stays
     del cap  # registered the bounds; the writer prunes after each write
     assert rows(service) == {2: "alert", 3: "recent"}
+    facts = service.stats()["pipelines"]["vib"]
+    assert (facts["evicted_max_age"], facts["evicted_keep_recent"]) == (1, 1)
 
 
 def test_a_full_queue_drops_counted_and_never_blocks(tmp_path):

@@ -35,6 +35,18 @@ def test_minimal_config_gets_sane_defaults():
     assert c.topics.predictions == "floorline/{gateway}/pred/{pipeline}/{asset}"
 
 
+def test_drift_and_capture_topic_templates_default_to_the_topics_they_replaced():
+    t = parse_config(cfg()).topics
+    assert t.drift == "floorline/{gateway}/drift/{pipeline}"
+    assert t.alerts == "floorline/{gateway}/alerts/{pipeline}"
+    assert t.capture_label == "floorline/{gateway}/capture/label"
+    custom = parse_config(cfg("topics: {drift: 'site/{gateway}/d/{pipeline}', "
+                              "capture_label: 'site/{gateway}/labels'}\n")).topics
+    assert (custom.drift, custom.alerts, custom.capture_label) == (
+        "site/{gateway}/d/{pipeline}", "floorline/{gateway}/alerts/{pipeline}",
+        "site/{gateway}/labels")
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
@@ -267,6 +279,14 @@ def test_an_unknown_key_in_a_push_names_the_nearest_valid_one():
          "g.yaml:2: topics.predictions", "unknown placeholder {gatway}"),
         ("topics: {state: 'state/#'}\n" + PIPELINE,
          "g.yaml:2: topics.state", "'+' or '#'"),
+        ("topics: {drift: 'drift/{pipeline}/{asset}'}\n" + PIPELINE,
+         "g.yaml:2: topics.drift", "unknown placeholder {asset}"),
+        ("topics: {alerts: 'alerts/{pipline}'}\n" + PIPELINE,
+         "g.yaml:2: topics.alerts", "unknown placeholder {pipline}"),
+        ("topics: {capture_label: 'labels/{pipeline}'}\n" + PIPELINE,
+         "g.yaml:2: topics.capture_label", "unknown placeholder {pipeline}"),
+        ("topics: {capture_label: 'labels/+'}\n" + PIPELINE,
+         "g.yaml:2: topics.capture_label", "'+' or '#'"),
         (PIPELINE + "    output: {topic: 'p/{pipeline}/{assets}'}\n",
          "g.yaml:8: pipelines.0.output.topic", "unknown placeholder {assets}"),
     ],

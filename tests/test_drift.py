@@ -486,3 +486,155 @@ def test_worker_processes_each_judge_their_assets(
     assert {d["worker"] for d in shares.values()} == {0, 1}
     preds = [orjson.loads(m.payload) for m in messages if "/pred/health/" in m.topic]
     assert any(p.get("drift") for p in preds)
+
+
+# -- drift and data capture ------------------------------------------------------------------
+
+CAPTURING = """
+  - name: {name}
+    subscribe: ["{prefix}/{name}/+/features"]
+    qos: 0
+    bundle: "{bundle}"
+    backend: onnx
+    decoder: {{type: json}}
+    batch: {{max_batch: 16, max_wait_ms: 5}}
+    drift: {{interval_s: 0.5, window_s: 2.0, min_windows: 200}}
+    capture: {{sample_rate: 0.05, alerts: false, before: 2, after: 3}}
+"""
+
+
+def _send_features(probe: MqttProbe, topic: str, rows: np.ndarray) -> None:
+    for i, row in enumerate(rows):
+        probe.publish(topic, orjson.dumps(dict(zip(SK_FEATURES, map(float, row), strict=True))),
+                      qos=0)
+        if i % 100 == 99:
+            time.sleep(0.1)  # ~1000 windows a second: several per drift interval
+
+
+def _reasons(data: Any) -> list[set[str]]:
+    return [set(r.split(",")) for r in data["reasons"].tolist()]
+
+
+def test_a_drift_alert_keeps_the_windows_around_it_and_a_steady_stream_none(
+    mosquitto: Mosquitto, unique_topic: str, sk_bundle: Path, tmp_path: Path,
+) -> None:
+    from floorline.edge.capture.export import export  # noqa: PLC0415
+    from tests import sklearn_zoo  # noqa: PLC0415
+
+    pipelines = "".join(CAPTURING.format(name=name, prefix=unique_topic, bundle=sk_bundle)
+                        for name in ("health", "steady"))
+    normal = sklearn_zoo.features(1200, 21)[0]
+    shifted = sklearn_zoo.features(1600, 22)[0]
+    shifted[:, 4] += 15.0  # temperature_c: a sensor offset the model never saw
+    steady = sklearn_zoo.features(2800, 23)[0]
+    state = tmp_path / "state"
+    with MqttProbe().connect("127.0.0.1", mosquitto.port) as probe, \
+            running(config_text(mosquitto, pipelines, state_dir=state)) as daemon:
+        probe.subscribe("floorline/gw-test/alerts/#", qos=1)
+        _send_features(probe, f"{unique_topic}/health/pump-1/features", normal)
+        _send_features(probe, f"{unique_topic}/steady/pump-9/features", steady[:1200])
+        _send_features(probe, f"{unique_topic}/health/pump-1/features", shifted)
+        _send_features(probe, f"{unique_topic}/steady/pump-9/features", steady[1200:])
+        wait_until(lambda: bool(probe.messages), 15, "a drift alert")
+        wait_until(lambda: {p.name: p.counters["predictions"] for p in daemon.pipelines}
+                   == {"health": 2800, "steady": 2800}, 20, "every window predicted")
+        alerts = [orjson.loads(m.payload) for m in probe.messages]
+    export(state, tmp_path / "health.npz", pipeline="health")  # after the daemon stopped
+    export(state, tmp_path / "steady.npz", pipeline="steady")
+    health, steady_out = np.load(tmp_path / "health.npz"), np.load(tmp_path / "steady.npz")
+    assert [(a["pipeline"], a["state"]) for a in alerts] == [("health", "drift")]
+    reasons = _reasons(health)
+    seqs = health["seq"].tolist()
+    marked = [s for s, r in zip(seqs, reasons, strict=True) if "drift" in r]
+    before = [s for s, r in zip(seqs, reasons, strict=True) if "before_drift" in r]
+    after = [s for s, r in zip(seqs, reasons, strict=True) if "after_drift" in r]
+    # One alert: one marked window of pump-1, the 2 held before it, the 3 after it.
+    assert len(marked) == 1, reasons
+    assert len(before) == 2
+    assert len(after) == 3
+    assert max(before) < marked[0] < min(after)
+    assert marked[0] >= 1200  # after the offset began, not in the calibration-like part
+    assert set(health["asset"].tolist()) == {"pump-1"}
+    # The steady stream was sampled (so the store has its windows) and never marked.
+    assert len(steady_out["seq"]) > 50
+    assert all(r == {"sample"} for r in _reasons(steady_out))
+
+
+def test_per_asset_drift_marks_only_the_drifting_asset(referenced: Manifest,
+                                                       tmp_path: Path) -> None:
+    from floorline.edge.capture.config import CaptureConfig  # noqa: PLC0415
+    from floorline.edge.capture.service import CaptureService  # noqa: PLC0415
+
+    svc = CaptureService(tmp_path, "gw")
+    cap = svc.policy(CaptureConfig(before=1, after=1, alerts=False), pipeline="vib",
+                     manifest=referenced, sha256="ab" * 32)
+    assert cap is not None
+    mon = _monitor(referenced, per_asset=True)
+    mon.on_drift = lambda asset: cap.mark("drift", asset)
+    rng = np.random.default_rng(4)
+    t, seq = 0.0, 0
+    for step in range(40):  # a, b, c take turns; from step 10, b's mean moves
+        x = _windows(rng, 60)
+        names = ["a", "b", "c"] * 20
+        if step >= 10:
+            x[1::3] += 1.0
+        wins = [Window(names[i], x[i], None, None, t, seq + i) for i in range(60)]
+        seq += 60
+        mon.observe(wins, x, None, t)
+        cap.offer(wins, np.tile(np.array([0.97, 0.01, 0.01, 0.01], np.float32), (60, 1)))
+        t += 0.25
+    assert svc.store is not None
+    assert svc.store.flush()
+    stats = svc.stats()
+    svc.close()
+    assert stats is not None
+    assert mon.assets["b"].alerted
+    assert not mon.assets["a"].alerted
+    assert not mon.assets["c"].alerted
+    reasons = stats["pipelines"]["vib"]["reasons"]
+    assert reasons == {"before_drift": 1, "drift": 1, "after_drift": 1}
+    import sqlite3  # noqa: PLC0415
+
+    conn = sqlite3.connect(svc.path)
+    try:
+        assets = {a for (a,) in conn.execute("SELECT asset FROM windows")}
+    finally:
+        conn.close()
+    assert assets == {"b"}
+
+
+def test_drift_alert_and_label_topics_follow_the_config_templates(
+    mosquitto: Mosquitto, unique_topic: str, sk_bundle: Path,
+) -> None:
+    from tests import sklearn_zoo  # noqa: PLC0415
+
+    topics = ('topics: {drift: "site/{gateway}/model-drift/{pipeline}", '
+              'alerts: "site/{gateway}/alarms/{pipeline}", '
+              'capture_label: "site/{gateway}/labels"}\n')
+    pipeline = CAPTURING.format(name="health", prefix=unique_topic, bundle=sk_bundle)
+    shifted = sklearn_zoo.features(800, 24)[0]
+    shifted[:, 4] += 15.0
+    with MqttProbe().connect("127.0.0.1", mosquitto.port) as probe, \
+            running(config_text(mosquitto, pipeline, extra=topics)) as daemon:
+        probe.subscribe("#", qos=1)  # this test's own broker: everything
+        _send_features(probe, f"{unique_topic}/health/pump-1/features", shifted)
+        wait_until(lambda: any(m.topic == "site/gw-test/alarms/health" for m in probe.messages),
+                   15, "the alert on the configured topic")
+        wait_until(lambda: any(m.topic == "site/gw-test/model-drift/health"
+                               for m in probe.messages), 5, "drift stats on the configured topic")
+        label = b'{"asset": "pump-1", "last_s": 60, "label": "sensor_offset"}'
+        # The default topic between two on the configured one: the broker delivers them in
+        # order, so once both of those are counted, the middle one would have been too.
+        probe.publish("site/gw-test/labels", label, qos=1)
+        probe.publish("floorline/gw-test/capture/label", label, qos=1)
+        probe.publish("site/gw-test/labels", label, qos=1)
+        wait_until(lambda: daemon.capture.labels["accepted"] >= 2, 10, "the labels")
+        labels = dict(daemon.capture.labels)
+        topics_seen = {m.topic for m in probe.messages}
+    assert labels == {"accepted": 2}
+    assert not {t for t in topics_seen if t.startswith(("floorline/gw-test/drift",
+                                                        "floorline/gw-test/alerts"))}
+    alert = next(m for m in probe.messages if m.topic == "site/gw-test/alarms/health")
+    assert orjson.loads(alert.payload)["state"] == "drift"
+    assert (alert.qos, alert.retain) == (1, False)
+

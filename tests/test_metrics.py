@@ -23,13 +23,15 @@ from floorline.edge.daemon.daemon import Daemon
 from floorline.edge.errors import FloorlineError
 from floorline.edge.messages import Inbound
 from floorline.edge.service.metrics import (
+    CAPTURE_METRIC_NAMES,
     METRIC_NAMES,
     BundleInfo,
     Metrics,
     MetricsConfig,
     StatsReporter,
 )
-from tests.mqtt_broker import wait_until
+from tests.daemon_harness import EXAMPLE, asset_samples, block_payload, config_text, running
+from tests.mqtt_broker import Mosquitto, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "configs" / "grafana-dashboard.json"
@@ -336,6 +338,109 @@ def test_real_daemon_stats_feed_the_collector(tmp_path: Path) -> None:
     assert s[("floorline_inbox_messages", labels)] == 1
     assert s[("floorline_mqtt_connected", ())] == 0
     assert s[("floorline_outbox_messages", ())] == 0
+
+
+# -- data capture ----------------------------------------------------------------------------
+
+
+def capture_stats() -> dict[str, Any]:
+    """Shaped like Daemon.stats()["capture"] (CaptureService.stats)."""
+    return {
+        "file": "/var/lib/floorline/capture.sqlite", "error": None, "queued": 3,
+        "dropped": {"queue_full": 9, "disk_full": 4},
+        "labels": {"accepted": 2, "refused": 1}, "labels_applied": 2,
+        "pipelines": {
+            "line0": {"windows": 120, "bytes": 108_000, "captured": 130, "errors": 1,
+                      "dropped_queue_full": 9, "dropped_disk_full": 4,
+                      "evicted_max_bytes": 6, "evicted_max_age": 4,
+                      "reasons": {"sample": 100, "drift": 1, "before_drift": 2,
+                                  "after_drift": 2, "label": 25}},
+        },
+    }
+
+
+def test_capture_series_per_pipeline_and_reason_on_the_endpoint() -> None:
+    stats = {**fake_stats(), "capture": capture_stats()}
+    server = Metrics(lambda: stats).start_http("127.0.0.1", 0)
+    try:
+        s = scrape(server.port)
+    finally:
+        server.stop()
+
+    def by(name: str, **labels: str) -> float:
+        return s[name][tuple(sorted({"pipeline": "line0", **labels}.items()))]
+
+    assert by("floorline_capture_windows_total", reason="drift") == 1
+    assert by("floorline_capture_windows_total", reason="before_drift") == 2
+    assert by("floorline_capture_windows_total", reason="sample") == 100
+    assert by("floorline_capture_dropped_total", reason="queue_full") == 9
+    assert by("floorline_capture_dropped_total", reason="disk_full") == 4
+    assert by("floorline_capture_evicted_total", reason="max_bytes") == 6
+    assert by("floorline_capture_evicted_total", reason="max_age") == 4
+    assert by("floorline_capture_errors_total") == 1
+    assert by("floorline_capture_stored_windows") == 120
+    assert by("floorline_capture_stored_bytes") == 108_000
+    assert s["floorline_capture_queue_windows"] == {(): 3.0}
+    assert s["floorline_capture_unavailable"] == {(): 0.0}
+    assert s["floorline_capture_label_commands_total"] == {
+        (("result", "accepted"),): 2.0, (("result", "refused"),): 1.0}
+    assert s["floorline_capture_labels_applied_total"] == {(): 2.0}
+    assert set(s) - METRIC_NAMES == CAPTURE_METRIC_NAMES  # every one, and none unlisted
+
+
+def test_without_capture_no_capture_series_and_no_capture_in_the_stats_message() -> None:
+    stats = {**fake_stats(1), "capture": None}
+    text = prometheus_client.generate_latest(Metrics(lambda: stats).registry).decode()
+    assert "floorline_capture" not in text
+    doc = json.loads(Metrics(lambda: stats).stats_message())
+    assert "capture" not in doc["pipelines"]["line0"]
+
+
+def test_stats_message_has_each_capturing_pipelines_store_facts() -> None:
+    stats = {**fake_stats(2), "capture": capture_stats()}
+    doc = json.loads(Metrics(lambda: stats).stats_message())
+    assert doc["pipelines"]["line0"]["capture"] == {
+        "windows": 120, "bytes": 108_000, "captured": 130, "dropped": 13}
+    assert "capture" not in doc["pipelines"]["line1"]
+
+
+def test_a_capturing_daemon_feeds_the_capture_series(
+    mosquitto: Mosquitto, unique_topic: str, tmp_path: Path,
+) -> None:
+    pipeline = f"""
+  - name: vibration
+    subscribe: ["{unique_topic}/+/vibration"]
+    bundle: "{EXAMPLE}"
+    decoder: {{type: json, samples: samples, timestamp: ts, sequence: seq}}
+    batch: {{max_batch: 8, max_wait_ms: 5}}
+    capture: {{sample_rate: 0.5, before: 0, after: 0}}
+"""
+    samples = asset_samples(64 * 20, seed=3)
+    with running(config_text(mosquitto, pipeline, gateway="gw-met")) as daemon:
+        server = daemon.metrics.start_http("127.0.0.1", 0)
+        try:
+            for k in range(20):
+                daemon._on_message(f"{unique_topic}/pump-3/vibration",
+                                   block_payload(samples[64 * k: 64 * (k + 1)], 64 * k, 1000.0),
+                                   0.0)
+            wait_until(lambda: daemon.pipelines[0].counters["predictions"] == 20, 30,
+                       "every window predicted")
+            daemon.capture.on_label("floorline/gw-met/capture/label",
+                                    b'{"asset": "pump-3", "last_s": 10, "label": "x"}')
+            daemon.capture.on_label("floorline/gw-met/capture/label", b"not json")
+            assert daemon.capture.store is not None
+            assert daemon.capture.store.flush()
+            s = scrape(server.port)
+        finally:
+            server.stop()
+    labels = (("pipeline", "vibration"),)
+    assert s["floorline_capture_windows_total"] == {(*labels, ("reason", "sample")): 10.0}
+    assert s["floorline_capture_stored_windows"] == {labels: 10.0}
+    assert 10 * 64 * 3 * 4 < s["floorline_capture_stored_bytes"][labels] < 10 * 2048
+    assert s["floorline_capture_label_commands_total"] == {
+        (("result", "accepted"),): 1.0, (("result", "refused"),): 1.0}
+    assert s["floorline_capture_labels_applied_total"] == {(): 1.0}
+    assert s["floorline_capture_unavailable"] == {(): 0.0}
 
 
 # -- the Grafana dashboard -------------------------------------------------------------------

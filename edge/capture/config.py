@@ -10,7 +10,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 LABEL_TOPIC = "floorline/{gateway}/capture/label"
-"""Operators label stored windows by publishing here (docs/monitoring.md)."""
+"""Operators label stored windows by publishing here (docs/monitoring.md); the default of
+``topics.capture_label``."""
 
 
 class CaptureConfig(BaseModel):
@@ -32,6 +33,11 @@ class CaptureConfig(BaseModel):
         description="Windows of the same asset kept after an alert or a mark.",
     )
     alerts: bool = Field(default=True, description="Record the windows around alerts.")
+    drift: bool = Field(
+        default=True,
+        description="Record the windows around drift alerts (the pipeline's drift detection; "
+        "per asset with drift.per_asset): reasons before_drift, drift, after_drift.",
+    )
     low_confidence: float | None = Field(
         default=None, gt=0.0, le=1.0,
         description="Record windows whose top classification score is below this.",

@@ -100,9 +100,10 @@ class Capture:
     def mark(self, reason: str, asset: str | None = None) -> None:
         """Capture the windows around now for REASON (e.g. ``drift``), ASSET's or every asset's.
 
-        Without ASSET: every asset that has windows held (``before`` > 0). Any thread. Takes
-        effect at the pipeline's next batch: the ``before`` windows held for the asset are
-        stored, and the next ``after`` windows are.
+        Without ASSET: every asset of the pipeline's next batch and every asset that has
+        windows held (``before`` > 0). Any thread. Takes effect at the pipeline's next batch:
+        the ``before`` windows held for the asset are stored, its first window in that batch
+        (with the asset's name) is stored for REASON, and its next ``after`` windows are.
         """
         with self._marks_lock:
             self._marks[asset or _ALL] = reason
@@ -139,8 +140,14 @@ class Capture:
         top_list = top.tolist()
         out_records: list[Record] = []
         everyone = marks.pop(_ALL, None)
-        if everyone is not None:  # every asset seen lately: its held windows, and the next ones
+        if everyone is not None:
+            # This batch's assets: their first window here is the marked one (below). Other
+            # assets seen lately: their held windows now, their next ones after.
+            for w in batch:
+                marks.setdefault(w.asset, everyone)
             for asset in list(self._recent):
+                if asset in marks:
+                    continue
                 self._flush_before(asset, everyone, out_records)
                 if cfg.after:
                     self._after[asset] = (cfg.after, everyone)

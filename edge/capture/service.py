@@ -1,6 +1,7 @@
 """The daemon's side of capture: one store per gateway, the label command, stats.
 
-Label commands (``floorline/{gateway}/capture/label``, JSON)::
+Label commands (``topics.capture_label``, by default ``floorline/{gateway}/capture/label``,
+JSON)::
 
     {"asset": "pump-07", "from": 1764470000, "to": 1764473600, "label": "bearing_outer_race"}
     {"asset": "pump-07", "last_s": 3600, "label": "bearing_outer_race", "pipeline": "vibration"}
@@ -100,11 +101,12 @@ def parse_label(payload: bytes, now: float) -> Label:
 class CaptureService:
     """Capture for one daemon: the store (opened at the first pipeline with ``capture``)."""
 
-    def __init__(self, state_dir: Path, gateway: str, *,
+    def __init__(self, state_dir: Path, gateway: str, *, topic: str = LABEL_TOPIC,
                  queue_windows: int = QUEUE_WINDOWS) -> None:
         self.path = state_dir / STORE_FILE
         self.gateway = gateway
-        self.topic = LABEL_TOPIC.format(gateway=gateway)
+        self.topic = topic.format(gateway=gateway)
+        """The label command's topic (TOPIC, the ``topics.capture_label`` template, filled)."""
         self.store: CaptureStore | None = None
         self.labels = Counter[str]()
         self._queue_windows = queue_windows
@@ -149,6 +151,7 @@ class CaptureService:
             "queued": self.store.queue.qsize(),
             "dropped": dict(self.store.dropped),
             "labels": dict(self.labels),
+            "labels_applied": self.store.labels_applied,
             "pipelines": self.store.stats(),
         }
 

@@ -117,6 +117,9 @@ class Bounds:
     stored_bytes: int = 0
     stored: int = 0
     counters: Counter[str] = field(default_factory=Counter)
+    """captured, dropped_<why> (never stored), evicted_<bound> (stored, then removed), errors."""
+    reasons: Counter[str] = field(default_factory=Counter)
+    """Windows stored per reason kept (a window kept for two reasons counts under each)."""
 
 
 class _Handoff:
@@ -206,7 +209,7 @@ class CaptureStore:
             old = self._bounds.get(pipeline)
             if old is not None:  # a new generation: same rows, new bounds
                 bounds.stored, bounds.stored_bytes = old.stored, old.stored_bytes
-                bounds.counters = old.counters
+                bounds.counters, bounds.reasons = old.counters, old.reasons
             self._bounds[pipeline] = bounds
             if not self._opened:
                 # Opened here, at build time, off the prediction path: an unusable file is
@@ -270,11 +273,15 @@ class CaptureStore:
             self._conn.close()
             self._conn = None
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Per pipeline: stored windows and bytes, and counters (captured, dropped_*)."""
+    def stats(self) -> dict[str, dict[str, object]]:
+        """Per pipeline: windows, bytes, counters and ``reasons`` (stored per reason kept).
+
+        Counters: captured, errors, dropped_* (never stored), evicted_* (removed by a bound).
+        """
         with self._lock:
             return {
-                name: {"windows": b.stored, "bytes": b.stored_bytes, **b.counters}
+                name: {"windows": b.stored, "bytes": b.stored_bytes, **b.counters,
+                       "reasons": dict(b.reasons)}
                 for name, b in self._bounds.items()
             }
 
@@ -385,6 +392,7 @@ class CaptureStore:
     def _insert(self, conn: sqlite3.Connection, records: list[Record]) -> None:
         rows = []
         added: Counter[str] = Counter()
+        reasons: Counter[tuple[str, str]] = Counter()
         added_bytes: Counter[str] = Counter()
         for r in records:
             b = self._bounds.get(r.pipeline)
@@ -398,9 +406,11 @@ class CaptureStore:
             label = self._label_of(r, t)
             size = len(blob) + len(summary) + len(r.asset) + 64
             samples, features = data.shape
+            why = r.reasons + (",label" if label else "")
+            for reason in why.split(","):
+                reasons[r.pipeline, reason] += 1
             rows.append((r.pipeline, r.asset, r.seq, r.start, r.end, r.ts, t, b.gateway,
-                         orjson.dumps(r.model).decode(), summary,
-                         r.reasons + (",label" if label else ""), label,
+                         orjson.dumps(r.model).decode(), summary, why, label,
                          int(r.keep or label is not None), samples, features, size, blob))
             added[r.pipeline] += 1
             added_bytes[r.pipeline] += size
@@ -413,6 +423,8 @@ class CaptureStore:
                 b.counters["captured"] += n
                 b.stored += n
                 b.stored_bytes += added_bytes[name]
+            for (name, reason), n in reasons.items():
+                self._bounds[name].reasons[reason] += n
         # Upserts of windows already stored over-count here; the next recount corrects it.
 
     def _label(self, conn: sqlite3.Connection, lab: Label) -> None:
@@ -455,9 +467,14 @@ class CaptureStore:
                     gone += conn.execute(
                         "DELETE FROM windows WHERE pipeline = ? AND keep = ? AND ts < ? "
                         "RETURNING bytes", (name, keep, now - b.max_age_s)).fetchall()
+                old = len(gone)
                 gone += conn.execute(
                     "DELETE FROM windows WHERE pipeline = ? AND keep = 0 AND ts < ? "
                     "RETURNING bytes", (name, now - b.keep_recent_s)).fetchall()
+                if old:
+                    b.counters["evicted_max_age"] += old
+                if len(gone) > old:
+                    b.counters["evicted_keep_recent"] += len(gone) - old
             stored, size = b.stored - len(gone), b.stored_bytes - sum(g[0] for g in gone)
             if recount:
                 stored, size = conn.execute(
@@ -482,9 +499,15 @@ class CaptureStore:
         # The disk (or the page cap) is full: make room for the next batch, oldest out.
         try:
             conn.execute("BEGIN")
-            conn.execute("DELETE FROM windows WHERE id IN "
-                         "(SELECT id FROM windows ORDER BY keep, id LIMIT ?)", (_EVICT_CHUNK,))
+            gone = conn.execute("DELETE FROM windows WHERE id IN (SELECT id FROM windows "
+                                "ORDER BY keep, id LIMIT ?) RETURNING pipeline",
+                                (_EVICT_CHUNK,)).fetchall()
             conn.execute("COMMIT")
+            with self._lock:
+                for (pipeline,) in gone:
+                    b = self._bounds.get(pipeline)
+                    if b is not None:
+                        b.counters["evicted_disk_full"] += 1
         except sqlite3.Error as exc:
             self._rollback(conn)
             log.debug("capture: cannot evict on a full disk: %s", exc)

@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from floorline.edge.backends import BACKENDS
-from floorline.edge.capture.config import CaptureField
+from floorline.edge.capture.config import LABEL_TOPIC, CaptureField
 from floorline.edge.decoders import DecoderConfig
 from floorline.edge.delivery.outbox import OutboxConfig
 from floorline.edge.errors import (
@@ -55,6 +55,8 @@ from floorline.edge.outputs import MqttOutputConfig, OutputConfig
 from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 from floorline.edge.service.metrics import MetricsConfig
 from floorline.edge.stream.batch import BatchConfig
+from floorline.edge.stream.drift import ALERT_TOPIC as DRIFT_ALERT_TOPIC
+from floorline.edge.stream.drift import STATS_TOPIC as DRIFT_STATS_TOPIC
 from floorline.edge.stream.drift import DriftConfig
 from floorline.edge.stream.window import WindowConfig
 
@@ -246,6 +248,21 @@ class TopicsConfig(_Strict):
         default="floorline/{gateway}/stats",
         description="Compact JSON stats every metrics.stats_interval_s (for plants without "
         "Prometheus); {gateway}.",
+    )
+    drift: Annotated[str, _template("gateway", "pipeline")] = Field(
+        default=DRIFT_STATS_TOPIC,
+        description="Retained input drift measures of a pipeline with drift detection, every "
+        "drift.interval_s ({gateway}, {pipeline}; with workers: N, /{worker} is appended).",
+    )
+    alerts: Annotated[str, _template("gateway", "pipeline")] = Field(
+        default=DRIFT_ALERT_TOPIC,
+        description="One message when a pipeline (or an asset) starts to drift, one when it "
+        "cleared ({gateway}, {pipeline}).",
+    )
+    capture_label: Annotated[str, _template("gateway")] = Field(
+        default=LABEL_TOPIC,
+        description="Subscribed with a capture block: operators label captured windows here "
+        "({gateway}).",
     )
 
 

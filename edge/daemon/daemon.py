@@ -93,7 +93,8 @@ class Daemon:
         """Sparkplug edge nodes of ``sparkplug`` outputs: own connections (docs/sparkplug.md)."""
         self._apply_lock = threading.Lock()
         self._extra_subscriptions: list[str] = []
-        self.capture = CaptureService(self.state_dir, self.gateway)
+        self.capture = CaptureService(self.state_dir, self.gateway,
+                                      topic=config.topics.capture_label)
         """Data capture: the store and the label command (``floorline.edge.capture``)."""
         self.metrics = Metrics(self.stats, bundles=self._bundle_info, gateway=self.gateway)
         self.health_period_s = HEALTH_PERIOD_S
@@ -201,10 +202,13 @@ class Daemon:
         pipeline.capture = self.capture.policy(  # None without `capture:`
             pc.capture, pipeline=pc.name, manifest=model.bundle.manifest,
             sha256=model.artifact.sha256, labels=pc.labels, thresholds=pc.thresholds)
-        if pipeline.capture is not None and self.capture.topic not in self._extra_subscriptions:
+        label_topic = config.topics.capture_label.format(gateway=self.gateway)
+        if pipeline.capture is not None and label_topic not in self._extra_subscriptions:
             # The label command, from the first configuration with capture on (start, reload or
-            # push: `apply` subscribes the extra topics with the new generation's).
-            self.add_route(self.capture.topic, self.capture.on_label)
+            # push: `apply` subscribes the extra topics with the new generation's). A topic
+            # changed by a reload is added; the previous one stays routed until a restart.
+            self.capture.topic = label_topic
+            self.add_route(label_topic, self.capture.on_label)
         return pipeline
 
     def load(self, config: Config | None = None) -> None:

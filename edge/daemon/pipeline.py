@@ -42,6 +42,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
@@ -167,7 +168,8 @@ class Pipeline:
         )
         # Input drift against the bundle's reference summary (None: off, or no summary).
         self.drift = make_monitor(config.drift, manifest, gateway=gateway, pipeline=config.name,
-                                  workers=config.workers)
+                                  workers=config.workers, stats_topic=topics.drift,
+                                  alert_topic=topics.alerts)
         self.output = make_output(
             config.output,
             OutputContext(
@@ -205,8 +207,7 @@ class Pipeline:
         self._max_fed = 2 * config.window.max_assets
         self._held: list[tuple[int, int]] = []  # processed, not yet released (durable)
         self._touched: set[str] = set()
-        self.capture: Capture | None = None
-        """Data capture (``floorline.edge.capture``), set by the daemon with ``capture:``."""
+        self._capture: Capture | None = None
         # Written by paho's thread only: received, shed, dropped_inbox_full. The rest by the
         # worker.
         self.counters: Counter[str] = Counter()
@@ -679,6 +680,20 @@ class Pipeline:
         """Release the shadow model, if any (after the worker stopped)."""
         if self.shadow is not None:
             close_model(self.shadow.model)
+
+    @property
+    def capture(self) -> Capture | None:
+        """Data capture (``floorline.edge.capture``), set by the daemon with ``capture:``."""
+        return self._capture
+
+    @capture.setter
+    def capture(self, capture: Capture | None) -> None:
+        # A drift alert (the pipeline's, or an asset's with per_asset) keeps the windows around
+        # it, as a prediction alert does: reasons before_drift, drift, after_drift.
+        self._capture = capture
+        if self.drift is not None:
+            self.drift.on_drift = (partial(capture.mark, "drift")
+                                   if capture is not None and capture.config.drift else None)
 
     def stats(self) -> dict[str, object]:
         """Counters for state reports and tests."""

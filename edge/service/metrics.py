@@ -23,9 +23,15 @@ Series (all ``floorline_``; counters end in ``_total``), per ``pipeline`` unless
 ``bundle_info`` {pipeline, name, version, sha256, artifact, runtime}; with drift detection
 (``stream.drift``) ``drift_score``, ``drift_windows``, ``drift_active``, ``drift_psi`` and
 ``drift_ks`` {pipeline, feature, statistic}, ``drift_output_psi`` {pipeline, output} (gauges),
-``drift_alerts`` (counter). ``METRIC_NAMES`` lists
-them as exposed. A pipeline replaced at run time starts its counters from zero again, which
-Prometheus' ``rate()`` treats as a counter reset.
+``drift_alerts`` (counter); with data capture (``floorline.edge.capture``)
+``capture_windows`` {pipeline, reason}, ``capture_dropped`` {pipeline, reason},
+``capture_evicted`` {pipeline, reason}, ``capture_errors``, ``capture_label_commands``
+{result}, ``capture_labels_applied`` (counters), ``capture_stored_windows``,
+``capture_stored_bytes`` (gauges, per pipeline), ``capture_queue_windows``,
+``capture_unavailable`` (gauges). ``METRIC_NAMES``, ``DRIFT_METRIC_NAMES`` and
+``CAPTURE_METRIC_NAMES`` list them as exposed. A pipeline replaced at run time starts its
+counters from zero again, which Prometheus' ``rate()`` treats as a counter reset (capture's
+are the store's and survive a reload).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
+    "CAPTURE_METRIC_NAMES",
     "DRIFT_METRIC_NAMES",
     "END_TO_END_BUCKETS_S",
     "INFERENCE_BUCKETS_S",
@@ -228,6 +235,23 @@ DRIFT_METRIC_NAMES: frozenset[str] = frozenset(
 )
 """Sample names exposed besides METRIC_NAMES while a pipeline runs drift detection."""
 
+_CAPTURE_COUNTERS = (
+    # (series {pipeline, reason}, Daemon.stats()["capture"]["pipelines"][name] key prefix, help)
+    ("capture_dropped", "dropped_",
+     ("Windows chosen for capture but never stored: queue_full, disk_full, unavailable, "
+      "write_failed.")),
+    ("capture_evicted", "evicted_",
+     "Stored windows removed by a bound: max_bytes, max_age, keep_recent, disk_full."),
+)
+CAPTURE_METRIC_NAMES: frozenset[str] = frozenset(
+    [f"floorline_{s}_total" for s, _, _ in _CAPTURE_COUNTERS]
+    + ["floorline_capture_windows_total", "floorline_capture_errors_total",
+       "floorline_capture_stored_windows", "floorline_capture_stored_bytes",
+       "floorline_capture_queue_windows", "floorline_capture_unavailable",
+       "floorline_capture_label_commands_total", "floorline_capture_labels_applied_total"]
+)
+"""Sample names exposed besides METRIC_NAMES while a pipeline captures windows."""
+
 
 def _num(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
@@ -346,6 +370,7 @@ class Metrics:
             yield g
 
         yield from _drift_families(pipelines)
+        yield from _capture_families(_mapping(stats.get("capture")))
 
         with self._lock:  # copy under the lock; build the families outside it
             snapshot = {
@@ -429,9 +454,11 @@ class Metrics:
             sums = {name: _HistogramTotals.of(h) for name, h in self._hist.items()}
         totals: dict[str, dict[str, float]] = {}
         pipelines: dict[str, object] = {}
+        captured = _mapping(_mapping(stats.get("capture")).get("pipelines"))
         for name, raw in _mapping(stats.get("pipelines")).items():
             pipelines[name], totals[name] = _pipeline_summary(
-                _mapping(raw), sums.get(name), self._prev.get(name, {}), elapsed
+                _mapping(raw), sums.get(name), self._prev.get(name, {}), elapsed,
+                _mapping(captured.get(name)),
             )
         self._prev, self._prev_at = totals, now
         outbox = _mapping(stats.get("outbox"))
@@ -522,6 +549,65 @@ def _drift_families(pipelines: Mapping[str, Any]) -> Iterator[Metric]:
     yield from (active, alerts, *fams.values(), out_psi)
 
 
+def _capture_families(capture: Mapping[str, Any]) -> Iterator[Metric]:
+    """Data capture's counters (``CaptureService.stats``); nothing while no pipeline captures.
+
+    Read from the store's own counters, which a reload keeps: they never reset at run time.
+    """
+    from prometheus_client.metrics_core import (  # noqa: PLC0415 - optional extra
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    if not capture:
+        return
+    pipelines = {n: _mapping(p) for n, p in _mapping(capture.get("pipelines")).items()}
+    windows = CounterMetricFamily(
+        "floorline_capture_windows",
+        "Windows stored, by the reason kept (sample, alert, before_alert, after_alert, drift, "
+        "before_drift, after_drift, low_confidence, label, recent); a window kept for several "
+        "reasons counts under each.", labels=["pipeline", "reason"])
+    for name, p in pipelines.items():
+        for reason, n in sorted(_mapping(p.get("reasons")).items()):
+            windows.add_metric([name, reason], _num(n))
+    yield windows
+    for series, prefix, doc in _CAPTURE_COUNTERS:
+        c = CounterMetricFamily(f"floorline_{series}", doc, labels=["pipeline", "reason"])
+        for name, p in pipelines.items():
+            for key, n in sorted(p.items()):
+                if key.startswith(prefix):
+                    c.add_metric([name, key.removeprefix(prefix)], _num(n))
+        yield c
+    errors = CounterMetricFamily(
+        "floorline_capture_errors",
+        "Batches whose capture failed (their predictions are not affected).", labels=["pipeline"])
+    stored = GaugeMetricFamily("floorline_capture_stored_windows", "Windows in the capture "
+                               "store.", labels=["pipeline"])
+    size = GaugeMetricFamily("floorline_capture_stored_bytes", "Bytes of the windows in the "
+                             "capture store (bounded by capture.max_bytes).", labels=["pipeline"])
+    for name, p in pipelines.items():
+        errors.add_metric([name], _num(p.get("errors")))
+        stored.add_metric([name], _num(p.get("windows")))
+        size.add_metric([name], _num(p.get("bytes")))
+    yield from (errors, stored, size)
+    yield GaugeMetricFamily(
+        "floorline_capture_queue_windows", "Windows waiting for the capture writer.",
+        value=_num(capture.get("queued")))
+    yield GaugeMetricFamily(
+        "floorline_capture_unavailable",
+        "1 when the capture store cannot be used (windows are counted as dropped), else 0.",
+        value=1.0 if capture.get("error") else 0.0)
+    commands = CounterMetricFamily(
+        "floorline_capture_label_commands", "Label commands received over MQTT, by result.",
+        labels=["result"])
+    for result, n in sorted(_mapping(capture.get("labels")).items()):
+        commands.add_metric([result], _num(n))
+    yield commands
+    yield CounterMetricFamily(
+        "floorline_capture_labels_applied", "Labels applied to the capture store.",
+        value=_num(capture.get("labels_applied")))
+
+
 class _HistogramTotals(NamedTuple):
     batches: float
     windows_batched: float
@@ -540,6 +626,7 @@ def _pipeline_summary(
     hist: _HistogramTotals | None,
     prev: Mapping[str, float],
     elapsed: float,
+    capture: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, object], dict[str, float]]:
     """One pipeline's part of the stats message, and the totals the next message compares to."""
     dead = {r: int(_num(n)) for r, n in _mapping(p.get("dead_letters")).items() if _num(n)}
@@ -576,6 +663,13 @@ def _pipeline_summary(
     drift = _mapping(p.get("drift"))
     if drift:
         summary["drift"] = {"score": drift.get("score"), "drifting": bool(drift.get("drifting"))}
+    if capture:  # the store's facts for this pipeline (CaptureService.stats)
+        summary["capture"] = {
+            "windows": int(_num(capture.get("windows"))),
+            "bytes": int(_num(capture.get("bytes"))),
+            "captured": int(_num(capture.get("captured"))),
+            "dropped": int(sum(_num(n) for k, n in capture.items() if k.startswith("dropped_"))),
+        }
     return summary, totals
 
 

@@ -22,7 +22,8 @@ the population stability index (:func:`psi`, counts smoothed by half a window pe
 empty bin is finite) and the Kolmogorov-Smirnov distance of the binned distributions
 (:func:`ks`). The largest measure over the input statistics is the *score*; at or above
 ``level`` the scope (the pipeline, or an asset) drifts: its predictions carry ``drift: true``, and
-one alert goes out (``floorline/{gateway}/alerts/{pipeline}``). It clears below 0.8 x level
+one alert goes out (``topics.alerts``, ``floorline/{gateway}/alerts/{pipeline}``) and
+``on_drift`` is called (data capture keeps the windows around it). It clears below 0.8 x level
 (hysteresis: a score hovering at the level does not flap), with one ``cleared`` message; a new
 alert for the same scope waits at least ``window_s`` after the previous one.
 
@@ -40,7 +41,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,9 +70,11 @@ __all__ = [
 ]
 
 STATS_TOPIC = "floorline/{gateway}/drift/{pipeline}"
-"""Retained, QoS 0: the latest drift measures, every ``interval_s`` while windows arrive."""
+"""Retained, QoS 0: the latest drift measures, every ``interval_s`` while windows arrive (the
+default of ``topics.drift``)."""
 ALERT_TOPIC = "floorline/{gateway}/alerts/{pipeline}"
-"""QoS 1, not retained: one message when a scope starts to drift, one when it cleared."""
+"""QoS 1, not retained: one message when a scope starts to drift, one when it cleared (the
+default of ``topics.alerts``)."""
 
 SMOOTHING = 0.5
 """Pseudo-count added to every bin before PSI: an empty bin gives a finite, bounded term."""
@@ -343,7 +346,8 @@ class DriftMonitor:
     """One pipeline's drift detection (in the process that runs its windows)."""
 
     def __init__(self, config: DriftConfig, plan: Plan, *, gateway: str, pipeline: str,
-                 workers: int = 1, wall: Any = time.time) -> None:
+                 workers: int = 1, wall: Any = time.time, stats_topic: str = STATS_TOPIC,
+                 alert_topic: str = ALERT_TOPIC) -> None:
         self.config = config
         self.plan = plan
         self.level = config.threshold
@@ -364,8 +368,11 @@ class DriftMonitor:
         self.errors = 0
         self._error_log_at = 0.0
         self._shard: str | None = None
-        self.stats_topic = STATS_TOPIC.format(gateway=gateway, pipeline=pipeline)
-        self.alert_topic = ALERT_TOPIC.format(gateway=gateway, pipeline=pipeline)
+        self.stats_topic = stats_topic.format(gateway=gateway, pipeline=pipeline)
+        self.alert_topic = alert_topic.format(gateway=gateway, pipeline=pipeline)
+        self.on_drift: Callable[[str | None], None] | None = None
+        """Called with the asset (None: the whole pipeline) when a scope's alert goes out, on the
+        thread that observes; the pipeline's data capture sets it (``Capture.mark``)."""
         self.document: dict[str, Any] = {"status": "collecting", "windows": 0,
                                           "level": self.level, "measure": config.measure}
         """The latest evaluation (replaced whole: other threads may read it any time)."""
@@ -538,6 +545,11 @@ class DriftMonitor:
         last = scope.last
         where = f"asset {asset}" if asset else "the pipeline"
         if state == "drift":
+            if self.on_drift is not None:
+                try:
+                    self.on_drift(asset)
+                except Exception:  # the alert and the stats message go out all the same
+                    log.exception("pipeline %s: the drift hook failed", self._pipeline)
             top = last.get("top", [{}])[0]
             log.warning(
                 "pipeline %s: input drift on %s: %s %.3g >= level %.3g (%s %s, %d windows in "
@@ -561,8 +573,12 @@ class DriftMonitor:
 
 
 def make_monitor(config: DriftConfig, manifest: Manifest, *, gateway: str, pipeline: str,
-                 workers: int = 1) -> DriftMonitor | None:
-    """The pipeline's monitor, or None (disabled, or no usable reference: said once, INFO)."""
+                 workers: int = 1, stats_topic: str = STATS_TOPIC,
+                 alert_topic: str = ALERT_TOPIC) -> DriftMonitor | None:
+    """The pipeline's monitor, or None (disabled, or no usable reference: said once, INFO).
+
+    STATS_TOPIC, ALERT_TOPIC: the templates (``topics.drift``, ``topics.alerts``).
+    """
     if not config.enabled:
         return None
     if manifest.reference is None:
@@ -576,4 +592,5 @@ def make_monitor(config: DriftConfig, manifest: Manifest, *, gateway: str, pipel
         log.warning("pipeline %s: drift detection off: bundle %s %s: %s", pipeline,
                     manifest.name, manifest.version, exc)
         return None
-    return DriftMonitor(config, plan, gateway=gateway, pipeline=pipeline, workers=workers)
+    return DriftMonitor(config, plan, gateway=gateway, pipeline=pipeline, workers=workers,
+                        stats_topic=stats_topic, alert_topic=alert_topic)
