@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
+import orjson
 import pytest
 
 from floorline.edge.decoders import BinaryDecoderConfig, JsonDecoderConfig, make_decoder
-from floorline.edge.demo.signals import Condition
+from floorline.edge.demo.signals import (
+    CONDITIONS,
+    UNSEEN_CONDITIONS,
+    AssetParams,
+    AssetSignal,
+    Condition,
+    make_dataset,
+)
 from floorline.edge.demo.simulator import Fault, PlantConfig, PlantSimulator, Truth
 
 FEATURES = ["accel_x", "accel_y", "accel_z"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "edge" / "models" / "pdm-classifier"
 
 
 def collect(config: PlantConfig, steps: list[int]) -> list[tuple[str, bytes]]:
@@ -106,3 +118,75 @@ def test_the_truth_of_every_sample_is_kept_as_the_fault_ramps():
         samples = decoder.decode(payload)
         assert samples.timestamps is not None
         assert sim.sample_index(float(samples.timestamps[0])) == samples.first_seq
+
+
+# -- the unseen fault (issue 17): a condition the example model was not trained on --------------
+
+
+def test_an_inner_race_fault_is_scheduled_like_any_other_but_is_not_a_trained_class():
+    fault = Fault.parse("pump-07=bearing_inner_race@30+20")
+    assert (fault.condition, fault.start_s, fault.ramp_s) == (Condition.BEARING_INNER_RACE, 30, 20)
+    assert fault.spec() == "pump-07=bearing_inner_race@30+20"
+    assert Condition.BEARING_INNER_RACE in UNSEEN_CONDITIONS
+    assert Condition.BEARING_INNER_RACE not in CONDITIONS
+    # The committed example bundle's classes are still exactly the trained conditions.
+    manifest = orjson.loads((EXAMPLE / "manifest.json").read_bytes())
+    assert manifest["output"]["labels"] == [c.value for c in CONDITIONS]
+    _, y = make_dataset(5, 64, np.random.default_rng(0))
+    assert set(y.tolist()) == set(range(len(CONDITIONS)))
+
+
+def _envelope_spectrum(x: np.ndarray, fs: float, above_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    # Demodulation as an analyst does it: high-pass (FFT mask), Hilbert envelope, its spectrum.
+    n = len(x)
+    spec = np.fft.fft(x - x.mean())
+    freqs = np.fft.fftfreq(n, 1 / fs)
+    spec[np.abs(freqs) < above_hz] = 0
+    spec[freqs < 0] = 0  # analytic signal: positive frequencies, doubled
+    env = np.abs(np.fft.ifft(2 * spec))
+    return np.fft.rfftfreq(n, 1 / fs), np.abs(np.fft.rfft(env - env.mean()))
+
+
+def _line(freqs: np.ndarray, power: np.ndarray, hz: float) -> float:
+    return float(power[np.abs(freqs - hz) < 1.5].max())
+
+
+@pytest.mark.parametrize(("condition", "order_of"), [
+    (Condition.BEARING_INNER_RACE, "bpfi_order"), (Condition.BEARING_OUTER_RACE, "bpfo_order")])
+def test_bearing_impacts_come_at_their_race_frequency_and_only_inner_race_ones_swing_with_the_shaft(
+        condition, order_of):
+    rng = np.random.default_rng(7)
+    # A steady machine: no speed wander, no tones beside the shaft's, so the lines are sharp.
+    params = dataclasses.replace(AssetParams.random(rng), speed_drift=0.0, vane_g=0.0,
+                                 neighbour_g=0.0)
+    signal = AssetSignal(params, np.random.default_rng(1))
+    signal.set_condition(condition, 1.0)
+    x = signal.next_block(16384)[:, 0].astype(np.float64)
+    freqs, power = _envelope_spectrum(x, signal.sample_rate_hz, 120.0)
+    floor = float(np.median(power[(freqs > 10) & (freqs < 450)]))
+    shaft = params.shaft_hz
+    ball_pass = getattr(params, order_of) * shaft
+    assert params.bpfi_order + params.bpfo_order == pytest.approx(params.n_balls)
+    assert 5.0 < params.bpfi_order < 6.0
+    assert 3.0 < params.bpfo_order < 4.0
+    assert _line(freqs, power, ball_pass) > 10 * floor
+    shaft_line = _line(freqs, power, shaft) / floor
+    if condition is Condition.BEARING_INNER_RACE:
+        # The defect turns through the load zone once a revolution: 1x and sidebands of BPFI.
+        assert shaft_line > 50
+        assert _line(freqs, power, ball_pass - shaft) > 10 * floor
+    else:
+        assert shaft_line < 50
+
+
+def test_an_inner_race_defect_heats_the_bearing_like_an_outer_race_one():
+    temps = {}
+    for condition in (Condition.HEALTHY, Condition.BEARING_INNER_RACE,
+                      Condition.BEARING_OUTER_RACE):
+        signal = AssetSignal(AssetParams(thermal_tau_s=1.0), np.random.default_rng(0))
+        signal.set_condition(condition, 1.0)
+        signal.next_block(10_000)
+        temps[condition] = signal.temperature_c()
+    assert temps[Condition.BEARING_INNER_RACE] == pytest.approx(
+        temps[Condition.BEARING_OUTER_RACE])
+    assert temps[Condition.BEARING_INNER_RACE] > temps[Condition.HEALTHY] + 4

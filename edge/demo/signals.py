@@ -1,4 +1,4 @@
-"""Synthetic vibration of rotating machines: healthy, imbalance, bearing outer race, looseness.
+"""Synthetic vibration of rotating machines: healthy, imbalance, bearing defects, looseness.
 
 Physics-shaped enough that a model trained on it learns the signatures a vibration analyst looks
 for, not artefacts of the generator:
@@ -16,7 +16,17 @@ for, not artefacts of the generator:
   band and the envelope shows BPFO and its harmonics;
 - looseness: the machine foot rocks once per revolution with a half-order (0.5x) component and hits
   its base, so the response is truncated (clipped), rich in harmonics up to ~8x, mostly on the
-  vertical axis and different from one revolution to the next.
+  vertical axis and different from one revolution to the next;
+- bearing inner-race defect (*not* among the example model's classes, ``UNSEEN_CONDITIONS``): the
+  defect turns with the shaft, so balls strike it at
+  ``BPFI = n_balls / 2 * (1 + d/D * cos(contact angle)) * shaft speed`` (about 5.4x, against
+  BPFO's 3.6x) and each impact's size depends on where the defect is in the fixed load zone: the
+  impacts are amplitude-modulated once per revolution (1x sidebands around BPFI in the envelope),
+  and they reach the sensor through the balls and the outer race, weaker than an outer-race
+  defect's. It rings the same resonance.
+
+The example model is trained on ``CONDITIONS``; ``bearing_inner_race`` exists so the plant can
+develop a fault the model never saw (docs/monitoring.md, Closing the loop).
 
 Axes: x horizontal radial, y vertical radial, z axial; values in g (``FEATURES``). A severity in
 [0, 1] scales the fault amplitude. Each asset also has a bearing/housing temperature that follows
@@ -45,6 +55,7 @@ __all__ = [
     "DEFAULT_SEVERITY_RANGE",
     "FEATURES",
     "SAMPLE_RATE_HZ",
+    "UNSEEN_CONDITIONS",
     "AssetParams",
     "AssetSignal",
     "Condition",
@@ -65,22 +76,44 @@ class Condition(str, Enum):
     IMBALANCE = "imbalance"
     BEARING_OUTER_RACE = "bearing_outer_race"
     LOOSENESS = "looseness"
+    BEARING_INNER_RACE = "bearing_inner_race"
 
 
-CONDITIONS: tuple[Condition, ...] = tuple(Condition)
-"""Label order of :func:`make_dataset` and of the example model's outputs."""
+CONDITIONS: tuple[Condition, ...] = (
+    Condition.HEALTHY,
+    Condition.IMBALANCE,
+    Condition.BEARING_OUTER_RACE,
+    Condition.LOOSENESS,
+)
+"""The conditions the example model was trained on: the label order of :func:`make_dataset` (by
+default) and of the example model's outputs."""
+
+UNSEEN_CONDITIONS: tuple[Condition, ...] = (Condition.BEARING_INNER_RACE,)
+"""Conditions the plant can develop that the shipped example model never saw: a new class for a
+retrained model (``floorline.converter.examples.pdm --extra-data``)."""
 
 DEFAULT_SEVERITY_RANGE: tuple[float, float] = (0.3, 1.0)
 """Fault severities :func:`make_dataset` draws by default, and so the only ones the example model
 saw in training (``floorline.converter.examples.pdm`` keeps the default): a fault weaker than the
 lower bound is outside what it learnt, and mostly reads healthy."""
 
-_CODE = {condition: code for code, condition in enumerate(CONDITIONS)}
-_HEALTHY, _IMBALANCE, _BEARING, _LOOSENESS = range(len(CONDITIONS))
+# Render codes: the trained conditions keep their label indices, the unseen ones follow.
+_CODE = {condition: code for code, condition in enumerate((*CONDITIONS, *UNSEEN_CONDITIONS))}
+_HEALTHY, _IMBALANCE, _BEARING, _LOOSENESS, _INNER = range(len(_CODE))
 
 # Share of AssetParams.fault_rise_c each fault reaches at full severity: a damaged bearing heats
 # most (friction at the contact), imbalance loads the bearings, looseness barely heats.
-_HEAT = np.array([0.0, 0.6, 1.0, 0.3])
+_HEAT = np.array([0.0, 0.6, 1.0, 0.3, 1.0])
+
+# An inner-race impact travels through a ball and the outer race to the housing: the share of
+# bearing_g that reaches the sensor at the load zone's centre.
+_INNER_TRANSMISSION = 0.7
+# Load-zone modulation of inner-race impacts: size = floor + (1 - floor) * ((1 + cos) / 2) ** k,
+# the cosine of the defect's angle from the load zone's centre. A floor of 0.05-0.3 (the load
+# zone covers about half a turn; outside it the ball barely touches) and k of 1.5 give the
+# textbook envelope: BPFI with sidebands at +-1x.
+_INNER_FLOOR = (0.05, 0.3)
+_INNER_LOAD_EXPONENT = 1.5
 
 # Per-sample relative speed jitter; it integrates into a small random walk of the shaft angle,
 # so no two revolutions are exactly alike.
@@ -189,6 +222,16 @@ class AssetParams:
         """Ball pass frequency of the outer race at nominal speed."""
         return self.bpfo_order * self.shaft_hz
 
+    @property
+    def bpfi_order(self) -> float:
+        """Ball pass frequency of the inner race as a multiple of shaft speed (about 5.4)."""
+        return float(_bpfi_order(self.n_balls, self.ball_pitch_ratio, self.contact_angle_deg))
+
+    @property
+    def bpfi_hz(self) -> float:
+        """Ball pass frequency of the inner race at nominal speed."""
+        return self.bpfi_order * self.shaft_hz
+
     @classmethod
     def random(cls, rng: np.random.Generator) -> AssetParams:
         """Draw a plausible machine: 15-35 Hz, resonance 250-400 Hz, a 9-ball bearing, ..."""
@@ -251,6 +294,18 @@ def _bpfo_order(
     return order
 
 
+def _bpfi_order(
+    n_balls: NDArray[np.float64] | float,
+    ball_pitch_ratio: NDArray[np.float64] | float,
+    contact_angle_deg: NDArray[np.float64] | float,
+) -> NDArray[np.float64]:
+    # BPFO + BPFI = n_balls x shaft speed: the balls pass both races, at rates relative to each.
+    out: NDArray[np.float64] = np.multiply(n_balls, 1.0) - _bpfo_order(
+        n_balls, ball_pitch_ratio, contact_angle_deg
+    )
+    return out
+
+
 class _Bank:
     """Any number of independent assets rendered together; state carries across render calls."""
 
@@ -294,6 +349,14 @@ class _Bank:
         self.bpfo_order = _bpfo_order(
             table["n_balls"], table["ball_pitch_ratio"], table["contact_angle_deg"]
         )
+        self.bpfi_order = _bpfi_order(
+            table["n_balls"], table["ball_pitch_ratio"], table["contact_angle_deg"]
+        )
+        # Drawn when an asset first develops an inner-race defect (not here): the trained
+        # conditions' random streams, and so every dataset and simulated plant made before this
+        # condition existed, stay exactly as they were.
+        self.inner_load = np.full(n, np.nan)  # load zone's angle relative to the shaft's phase
+        self.inner_floor = np.full(n, np.nan)
 
         # Dynamic state.
         self.t = u(0.0, 1.0, n) * table["drift_period_s"] if random_time else np.zeros(n)
@@ -331,7 +394,7 @@ class _Bank:
         # Integrating the instantaneous speed keeps the angle continuous whatever the speed does.
         cycles = self.cycles[:, None] + np.cumsum(step, axis=1)
 
-        self._bearing(axes, step)
+        self._bearing(axes, step, cycles)
         if compose:
             theta = 2 * np.pi * cycles
             # Centrifugal force grows with the square of speed.
@@ -446,16 +509,25 @@ class _Bank:
         axes[0, rows] += self.loose_x[rows, None] * response
         axes[2, rows] += 0.15 * response
 
-    def _bearing(self, axes: NDArray[np.float64], step: NDArray[np.float64]) -> None:
-        rows = np.flatnonzero(self.condition == _BEARING)
+    def _bearing(
+        self, axes: NDArray[np.float64], step: NDArray[np.float64], cycles: NDArray[np.float64]
+    ) -> None:
+        # Outer- and inner-race defects: the same impacts ringing the same resonance; the inner
+        # race's come at BPFI, modulated by the load zone.
+        rows = np.flatnonzero((self.condition == _BEARING) | (self.condition == _INNER))
         ringing = np.zeros(len(self.ring), dtype=bool)
         ringing[rows] = True
         # A machine that is no longer faulty stops ringing; a later fault starts from rest.
         self.ring[~ringing] = 0
         if rows.size == 0:
             return
+        inner = self.condition[rows] == _INNER
+        fresh = rows[inner & np.isnan(self.inner_load[rows])]
+        if fresh.size:
+            self.inner_load[fresh] = self.rng.uniform(0.0, 2 * np.pi, fresh.size)
+            self.inner_floor[fresh] = self.rng.uniform(*_INNER_FLOOR, fresh.size)
         fs = self.fs
-        order = self.bpfo_order[rows]
+        order = np.where(inner, self.bpfi_order[rows], self.bpfo_order[rows])
         samples_per_pass = fs / (order * self.p["shaft_hz"][rows])
         # Per-sample rate noise whose random walk spreads each pass by bearing_slip of a period.
         sigma = self.p["bearing_slip"][rows] * np.sqrt(samples_per_pass)
@@ -470,6 +542,8 @@ class _Bank:
         size = (self.severity[rows] * self.p["bearing_g"][rows])[:, None] * (
             1 + _IMPACT_SPREAD * self.rng.standard_normal((rows.size, n))
         )
+        if inner.any():
+            size[inner] *= self._load_zone(rows[inner], cycles[rows[inner]])
         pole = self.ring_pole[rows]
         kick = np.where(impact, size * np.exp(pole[:, None] * since / fs), 0.0)
         # The resonance as a complex one-pole filter: each impact leaves a decaying rotation.
@@ -486,6 +560,18 @@ class _Bank:
         axes[0, rows] += response
         axes[1, rows] += self.ring_y[rows, None] * response
         axes[2, rows] += self.ring_z[rows, None] * response
+
+
+    def _load_zone(
+        self, rows: NDArray[np.intp], cycles: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        # Where the turning defect is relative to the fixed load zone, as an impact-size factor.
+        cos = np.cos(2 * np.pi * cycles + self.inner_load[rows, None])
+        floor = self.inner_floor[rows, None]
+        share: NDArray[np.float64] = _INNER_TRANSMISSION * (
+            floor + (1 - floor) * (0.5 * (1 + cos)) ** _INNER_LOAD_EXPONENT
+        )
+        return share
 
 
 class AssetSignal:
@@ -564,10 +650,12 @@ def make_dataset(
     severity_range: tuple[float, float] = DEFAULT_SEVERITY_RANGE,
     *,
     sample_rate_hz: float = SAMPLE_RATE_HZ,
+    conditions: Sequence[Condition] = CONDITIONS,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    """Labelled windows: x (N, WINDOW, 3) in g and y (N,) indexing ``CONDITIONS``, shuffled.
+    """Labelled windows: x (N, WINDOW, 3) in g and y (N,) indexing CONDITIONS, shuffled.
 
-    N = N_PER_CLASS * 4, balanced. Every window comes from a fresh random asset
+    N = N_PER_CLASS * len(CONDITIONS), balanced; CONDITIONS defaults to the example model's
+    classes (``CONDITIONS``). Every window comes from a fresh random asset
     (:meth:`AssetParams.random` ranges) at a random point of its speed wander and shaft angle;
     faults get a severity drawn uniformly from SEVERITY_RANGE.
     """
@@ -576,10 +664,14 @@ def make_dataset(
     low, high = severity_range
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"severity_range must satisfy 0 <= low <= high <= 1, got {severity_range}")
-    labels = np.repeat(np.arange(len(CONDITIONS), dtype=np.int64), n_per_class)
+    codes = np.array([_CODE[Condition(c)] for c in conditions], dtype=np.int64)
+    if codes.size == 0 or len(set(codes.tolist())) != codes.size:
+        raise ValueError(f"conditions must be distinct and at least one, got {list(conditions)}")
+    labels = np.repeat(np.arange(len(codes), dtype=np.int64), n_per_class)
     rng.shuffle(labels)
     bank = _Bank(_sample_table(rng, labels.size), rng, sample_rate_hz, random_time=True)
-    bank.condition[:] = labels
-    bank.severity[:] = np.where(labels == _HEALTHY, 0.0, rng.uniform(low, high, labels.size))
+    bank.condition[:] = codes[labels]
+    healthy = bank.condition == _HEALTHY
+    bank.severity[:] = np.where(healthy, 0.0, rng.uniform(low, high, labels.size))
     bank.render(math.ceil(_PRE_ROLL_S * sample_rate_hz), compose=False)
     return bank.render(window).astype(np.float32), labels
