@@ -2,6 +2,7 @@
 
 floorline-convert keras MODEL --out DIR [--card CARD.yaml] [--targets ...] [--calibration F]
 floorline-convert sklearn MODEL.joblib --out DIR [--card CARD.yaml] [--calibration F]
+    (both: [--parity-data F] [--reference-data F ... | --no-reference])
 floorline-convert inspect BUNDLE [--trust KEY.pub] [--require-signature]
 floorline-convert sign BUNDLE --key KEY [--out OUT] [--force]
 floorline-convert bench BUNDLE [--batches 1,8,32]
@@ -106,6 +107,16 @@ def add_model_flags(conv: argparse.ArgumentParser) -> None:
     conv.add_argument("--card", type=Path, help="YAML model card with the metadata below")
     conv.add_argument("--calibration", type=Path, help="representative data (.npy/.npz/.csv)")
     conv.add_argument("--parity-data", type=Path, help="held-out inputs for the parity check")
+    conv.add_argument(
+        "--reference-data",
+        type=Path,
+        action="append",
+        help="windows of normal operation, the drift reference's only data (repeatable; "
+        "default: the calibration and parity data)",
+    )
+    conv.add_argument(
+        "--no-reference", action="store_true", help="write no drift reference (drift detection off)"
+    )
     conv.add_argument("--atol", type=float, default=1e-4, help="float parity bound (1e-4)")
     conv.add_argument("--sign-key", type=Path, help="ed25519 private key to sign the manifest")
     conv.add_argument("--pack", action="store_true", help="also write OUT.tar")
@@ -349,6 +360,11 @@ def preflight(args: argparse.Namespace) -> None:
         raise UsageError(f"--card {card_path}: no such file")
     _check_data_file(getattr(args, "calibration", None), "--calibration")
     _check_data_file(getattr(args, "parity_data", None), "--parity-data")
+    references: list[Path] = getattr(args, "reference_data", None) or []
+    for path in references:
+        _check_data_file(path, "--reference-data")
+    if references and getattr(args, "no_reference", False):
+        raise UsageError("--no-reference: cannot be combined with --reference-data; give one")
     opset = getattr(args, "opset", None)
     low, high = OPSET_RANGE
     _check_number(
@@ -456,6 +472,8 @@ def _convert(args: argparse.Namespace) -> int:
         targets=target_names(args.targets, args.command),
         calibration=args.calibration,
         parity_data=args.parity_data,
+        reference_data=list(args.reference_data or []),
+        no_reference=args.no_reference,
         opset=args.opset,
         integer_io=getattr(args, "int8_io", "int8"),
         policy=ParityPolicy(

@@ -128,6 +128,11 @@ class ConvertRequest:
     targets: list[str] = field(default_factory=lambda: ["tflite", "onnx"])
     calibration: Path | None = None
     parity_data: Path | None = None
+    reference_data: list[Path] = field(default_factory=list)
+    """Windows of the plant's normal operation, the drift reference's only data (empty: the
+    calibration and parity data make it, as before)."""
+    no_reference: bool = False
+    """Write no drift reference (``--no-reference``)."""
     opset: int = DEFAULT_OPSET
     integer_io: IntegerIO = "int8"
     policy: ParityPolicy = field(default_factory=ParityPolicy)
@@ -297,6 +302,7 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
     )
     _check_feature_names(source, input_spec)
     calibration, parity_inputs = _prepare_data(req, input_spec, rng, say)
+    reference_data = drift_summary.load_reference_data(req, input_spec, say)
     windows = parity_inputs  # what a gateway's windows hold: raw with a feature stage
     if input_spec.preprocessing is not None:
         with step(f"features of {len(parity_inputs)} parity windows", say):
@@ -382,7 +388,7 @@ def convert(req: ConvertRequest, say: Callable[[str], None] = print) -> ConvertR
             )
         golden.save(staging / GOLDEN_FILE)
         fmt: SourceFormat = source.format  # type: ignore[assignment]
-        reference = drift_summary.reference(req, input_spec, heads, source, say)
+        reference = drift_summary.reference(reference_data, input_spec, heads, source, say)
         # Schema 3 only for what a schema 2 gateway cannot read: the rest stays readable by all.
         newer = input_spec.preprocessing is not None or reference is not None
         manifest = Manifest(

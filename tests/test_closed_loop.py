@@ -74,14 +74,15 @@ def test_extra_data_without_labels_is_refused(tmp_path: Path) -> None:
         pdm.load_extra([path])
 
 
-def test_reference_data_with_the_int8_target_is_refused(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_too_little_reference_data_is_refused_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _capture_file(tmp_path / "normal.npz", 10, [""] * 10)
     code = pdm.main(["--out", str(tmp_path / "b"), "--work", str(tmp_path / "w"),
                      "--reference-data", str(path), "--targets", "onnx,tflite-int8"])
     assert code == 2
-    assert "tflite-int8" in capsys.readouterr().err
+    assert "10 windows, too few for a drift reference" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "w").exists()  # refused before anything was trained or written
 
 
 def test_a_retrained_card_has_the_new_labels_and_a_minor_version_up(tmp_path: Path) -> None:

@@ -34,10 +34,12 @@ validate, the last 15 % join the held-out (parity) set the accuracy is reported 
 overlapping neighbours of a training window are never used to judge it. Training oversamples them
 to the synthetic sets' per-class size.
 
-``--reference-data`` gives the converter windows of the plant in normal operation, for the
-bundle's drift reference (and its parity check) instead of the synthetic calibration and parity
-sets: a reference drawn from balanced synthetic classes (three quarters of them faults, from many
-random machines) reads a healthy plant as drifting.
+``--reference-data`` hands the converter windows of the plant in normal operation
+(``floorline-convert --reference-data``): the bundle's drift reference is made of them alone,
+while calibration and parity keep the synthetic sets. A reference drawn from balanced synthetic
+classes (three quarters of them faults, from many random machines) reads a healthy plant as
+drifting, so without ``--reference-data`` the bundle gets none (``--no-reference``), as the
+committed one.
 
 ``--quick`` trains a smaller version (fewer windows, fewer epochs, ONNX only) in seconds, for the
 closed-loop walk's short form and its test (``floorline.converter.examples.closed_loop``).
@@ -58,6 +60,7 @@ import numpy as np
 import yaml
 from numpy.typing import NDArray
 
+from floorline.converter.drift_summary import MIN_REFERENCE_WINDOWS
 from floorline.edge.demo.signals import CONDITIONS, FEATURES, make_dataset
 
 log = logging.getLogger(__name__)
@@ -122,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--targets",
         help="converter targets (default: what the committed bundle holds, tflite,onnx,"
-        f"tflite-int8; with --quick or --reference-data: {QUICK_TARGETS})",
+        f"tflite-int8; with --quick: {QUICK_TARGETS})",
     )
     parser.add_argument(
         "--extra-data",
@@ -140,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NPZ",
         help="windows of the plant in normal operation (e.g. a capture export): the bundle's "
-        "drift reference and parity data instead of the synthetic sets. Repeat for several",
+        "drift reference (default: none). Repeat for several",
     )
     parser.add_argument(
         "--version", help="the bundle's version (default: the card's; a minor step up with "
@@ -256,7 +259,13 @@ def load_reference(paths: list[Path]) -> NDArray[np.float32]:
         x = _load_npz(path, ("x",))["x"]
         _check_windows(path, x)
         windows.append(x.astype(np.float32))
-    return np.concatenate(windows)
+    reference = np.concatenate(windows)
+    if len(reference) < MIN_REFERENCE_WINDOWS:
+        raise ExtraDataError(
+            f"{', '.join(map(str, paths))}: {len(reference)} windows, too few for a drift "
+            f"reference (the converter needs at least {MIN_REFERENCE_WINDOWS})"
+        )
+    return reference
 
 
 def add_extra(data: dict[str, Split], extra: Extra, per_class: int, seed: int) -> dict[str, Split]:
@@ -412,29 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     if epochs < 1:
         print("pdm: --epochs must be >= 1", file=sys.stderr)
         return 2
-    targets = args.targets or (
-        QUICK_TARGETS if args.quick or args.reference_data else "tflite,onnx,tflite-int8"
-    )
-    if args.reference_data and "tflite-int8" in targets.split(","):
-        # The converter summarizes --calibration into the reference as well, and an int8
-        # model's calibration must hold every class: the reference would not be the plant's.
-        print(
-            "pdm: --reference-data cannot be combined with the tflite-int8 target (its "
-            "calibration data would join the drift reference); use --targets onnx or tflite",
-            file=sys.stderr,
-        )
-        return 2
+    targets = args.targets or (QUICK_TARGETS if args.quick else "tflite,onnx,tflite-int8")
     started = time.perf_counter()
-    work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-
-    data = build_datasets(args.seed, size)
     try:
         extra = load_extra(args.extra_data) if args.extra_data else None
+        # Checked here, before any training, for the example's own message; the converter
+        # reads the files themselves.
         reference = load_reference(args.reference_data) if args.reference_data else None
     except ExtraDataError as exc:
         print(f"pdm: {exc}", file=sys.stderr)
         return 2
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    data = build_datasets(args.seed, size)
     labels = extra.labels if extra is not None else [c.value for c in CONDITIONS]
     if extra is not None:
         new = [name for name in labels if name not in {c.value for c in CONDITIONS}]
@@ -510,11 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     data_files = ["--calibration", str(calibration_path), "--parity-data", str(parity_path)]
     if reference is not None:
         # The plant's own normal operation: what the gateway's drift detection compares with.
-        reference_path = work / "reference.npz"
-        np.savez(reference_path, x=reference)
-        data_files = ["--parity-data", str(reference_path)]
-        log.info("drift reference and parity data: %d windows of %s", len(reference),
+        for path in args.reference_data:
+            data_files += ["--reference-data", str(path)]
+        log.info("drift reference: %d windows of %s", len(reference),
                  ", ".join(map(str, args.reference_data)))
+    else:
+        # The synthetic sets are balanced classes, three quarters faults: not a plant's normal.
+        data_files.append("--no-reference")
     card = write_card(card_path, mean, std, extra=extra, version=args.version)
     log.info("wrote %s, %s, %s and %s", model_path, card_path, calibration_path, parity_path)
     print(f"card: {card['name']} {card['version']}, labels {card['labels']}")
