@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,10 @@ import pytest
 from floorline.edge.config.model import parse_config
 from floorline.edge.daemon import workers as workers_module
 from floorline.edge.daemon.workers import WorkerPipeline
+from floorline.edge.delivery.outbox import SeqMarks
+from floorline.edge.delivery.publisher import Predictions
 from floorline.edge.errors import ConfigError
+from floorline.edge.messages import Outbound
 from tests.daemon_harness import (
     EXAMPLE,
     asset_samples,
@@ -36,8 +40,17 @@ SAMPLES = 192  # per asset and stream: 5 windows of 64 at hop 32 per-sample, 3 b
 BLOCK = 32
 
 
-def _pipelines(prefix: str, workers: int) -> str:
-    return f"""
+VIB, BLK = ("vib",), ("blk",)
+BOTH = ("vib", "blk")
+
+
+def _pipelines(prefix: str, workers: int, which: tuple[str, ...] = BOTH) -> str:
+    """Per-sample JSON (vib) and binary blocks (blk), or only those WHICH names.
+
+    Each pipeline with N > 1 workers spawns N processes in a test (its daemon runs threads):
+    a test that needs one stream runs one pipeline.
+    """
+    text = {"vib": f"""
   - name: vib
     subscribe: ["{prefix}/+/vibration"]
     bundle: "{EXAMPLE}"
@@ -48,6 +61,7 @@ def _pipelines(prefix: str, workers: int) -> str:
     batch: {{max_batch: 8, max_wait_ms: 5}}
     output: {{qos: 1}}
     workers: {workers}
+""", "blk": f"""
   - name: blk
     subscribe: ["{prefix}/+/block"]
     bundle: "{EXAMPLE}"
@@ -57,7 +71,8 @@ def _pipelines(prefix: str, workers: int) -> str:
     batch: {{max_batch: 8, max_wait_ms: 5}}
     output: {{qos: 1}}
     workers: {workers}
-"""
+"""}
+    return "".join(text[name] for name in which)
 
 
 def _block(samples: np.ndarray, first: int, t0: float) -> bytes:
@@ -65,14 +80,16 @@ def _block(samples: np.ndarray, first: int, t0: float) -> bytes:
     return head + np.asarray(samples[first:first + BLOCK], dtype="<f4").tobytes()
 
 
-def _feed(probe: Any, prefix: str, start: int, stop: int, t0: float = 5.0) -> None:
-    """Samples START..STOP of every asset, on both streams, assets interleaved."""
+def _feed(probe: Any, prefix: str, start: int, stop: int, t0: float = 5.0,
+          which: tuple[str, ...] = BOTH) -> None:
+    """Samples START..STOP of every asset, on the WHICH streams, assets interleaved."""
     data = [asset_samples(SAMPLES * 2, seed=100 + a) for a in range(ASSETS)]
     for i in range(start, stop):
         for a in range(ASSETS):
-            probe.publish(f"{prefix}/m{a}/vibration", sample_payload(t0 + i / 1000, i, data[a][i]),
-                          qos=1)
-            if i % BLOCK == 0:
+            if "vib" in which:
+                probe.publish(f"{prefix}/m{a}/vibration",
+                              sample_payload(t0 + i / 1000, i, data[a][i]), qos=1)
+            if "blk" in which and i % BLOCK == 0:
                 probe.publish(f"{prefix}/m{a}/block", _block(data[a], i, t0), qos=1)
 
 
@@ -151,8 +168,9 @@ def test_two_workers_predict_every_asset_in_order_as_one_does(mosquitto, mqtt_cl
     assert all(w["alive"] for w in stats["workers"])
 
 
-def _prefix_config(mosquitto: Any, prefix: str, workers: int, state: Path) -> str:
-    return config_text(mosquitto, _pipelines(prefix, workers), state_dir=state)
+def _prefix_config(mosquitto: Any, prefix: str, workers: int, state: Path,
+                   which: tuple[str, ...] = BOTH) -> str:
+    return config_text(mosquitto, _pipelines(prefix, workers, which), state_dir=state)
 
 
 def test_a_killed_worker_makes_the_daemon_degraded(mosquitto, mqtt_client, unique_topic):
@@ -160,9 +178,9 @@ def test_a_killed_worker_makes_the_daemon_degraded(mosquitto, mqtt_client, uniqu
     probe.subscribe("floorline/gw-test/pred/#", qos=1)
     probe.subscribe("floorline/gw-test/state", qos=1)
     state = Path(tempfile.mkdtemp(prefix="floorline-workers-"))
-    with running(_prefix_config(mosquitto, unique_topic, 2, state)) as daemon:
+    with running(_prefix_config(mosquitto, unique_topic, 2, state, VIB)) as daemon:
         daemon.health_period_s = 0.1
-        _feed(probe, unique_topic, 0, 64)
+        _feed(probe, unique_topic, 0, 64, which=VIB)
         probe.wait_for(ASSETS, "floorline/gw-test/pred/vib/+", timeout=30)
         vib = daemon.pipelines[0]
         assert isinstance(vib, WorkerPipeline)
@@ -182,7 +200,7 @@ def test_a_killed_worker_makes_the_daemon_degraded(mosquitto, mqtt_client, uniqu
         wait_until(degraded, 10, "degraded state published")
         # The other worker's assets go on; the dead one's are counted, not silently lost.
         probe.clear()
-        _feed(probe, unique_topic, 64, 128)
+        _feed(probe, unique_topic, 64, 128, which=VIB)
         wait_until(lambda: any("/pred/vib/" in m.topic for m in probe.messages), 20,
                    "predictions from the live worker")
         stats = vib.stats()
@@ -198,20 +216,20 @@ def test_reload_with_workers_carries_windows_and_seq(mosquitto, mqtt_client, uni
     probe = mqtt_client(mosquitto)
     probe.subscribe("floorline/gw-test/pred/vib/#", qos=1)
     state = Path(tempfile.mkdtemp(prefix="floorline-workers-"))
-    with running(_prefix_config(mosquitto, unique_topic, 1, state)) as daemon:
-        _feed(probe, unique_topic, 0, 80)  # 1 window each, and 48 samples of the next
+    with running(_prefix_config(mosquitto, unique_topic, 1, state, VIB)) as daemon:
+        _feed(probe, unique_topic, 0, 80, which=VIB)  # 1 window each, 48 samples of the next
         probe.wait_for(ASSETS, timeout=30)
         # 1 -> 2 workers, then 2 -> 3: each push builds new worker processes (spawned here).
         for workers, start, stop in ((2, 80, 144), (3, 144, SAMPLES)):
             result = daemon.apply(parse_config(_prefix_config(mosquitto, unique_topic, workers,
-                                                              state)))
+                                                              state, VIB)))
             assert result.ok, result.reason
             assert "vib" in result.carried_over
             vib = daemon.pipelines[0]
             assert isinstance(vib, WorkerPipeline)
             assert vib.start_method == "spawn"
             assert len(vib.stats()["workers"]) == workers
-            _feed(probe, unique_topic, start, stop)
+            _feed(probe, unique_topic, start, stop, which=VIB)
         per_asset = (SAMPLES - 64) // 32 + 1
         probe.wait_for(ASSETS * per_asset, timeout=60)
         time.sleep(0.3)
@@ -225,15 +243,16 @@ def test_a_reload_whose_workers_cannot_load_is_refused(mosquitto, mqtt_client, u
     probe = mqtt_client(mosquitto)
     probe.subscribe("floorline/gw-test/pred/vib/#", qos=1)
     state = Path(tempfile.mkdtemp(prefix="floorline-workers-"))
-    with running(_prefix_config(mosquitto, unique_topic, 2, state)) as daemon:
+    with running(_prefix_config(mosquitto, unique_topic, 2, state, VIB)) as daemon:
         before = [w["pid"] for w in daemon.pipelines[0].stats()["workers"]]
         monkeypatch.setattr(workers_module, "READY_S", 0.0)  # no spawned worker is that quick
-        result = daemon.apply(parse_config(_prefix_config(mosquitto, unique_topic, 3, state)))
+        result = daemon.apply(parse_config(_prefix_config(mosquitto, unique_topic, 3, state,
+                                                          VIB)))
         assert not result.ok
         assert "not ready within 0 s" in result.reason
         vib = daemon.pipelines[0]
         assert [w["pid"] for w in vib.stats()["workers"]] == before  # the old ones serve on
-        _feed(probe, unique_topic, 0, 64)
+        _feed(probe, unique_topic, 0, 64, which=VIB)
         probe.wait_for(ASSETS, timeout=30)
         assert daemon.problem() is None
 
@@ -244,8 +263,8 @@ def test_seq_goes_on_across_a_restart_with_workers(mosquitto, mqtt_client, uniqu
     probe.subscribe("floorline/gw-test/pred/blk/#", qos=1)
     state = Path(tempfile.mkdtemp(prefix="floorline-workers-"))
     for round_, (start, stop) in enumerate(((0, 64), (64, 128))):
-        with running(_prefix_config(mosquitto, unique_topic, 2, state)):
-            _feed(probe, unique_topic, start, stop)
+        with running(_prefix_config(mosquitto, unique_topic, 2, state, BLK)):
+            _feed(probe, unique_topic, start, stop, which=BLK)
             probe.wait_for(ASSETS * (round_ + 1), "floorline/gw-test/pred/blk/+", timeout=30)
     preds = _by_asset(probe.messages, "blk")
     assert len(preds) == ASSETS
@@ -265,7 +284,7 @@ def test_floorline_run_forks_spawns_on_reload_and_workers_die_with_it(
     probe = mqtt_client(mosquitto)
     probe.subscribe("floorline/gw-test/pred/blk/#", qos=1)
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text(_prefix_config(mosquitto, unique_topic, 2, tmp_path / "state"))
+    cfg.write_text(_prefix_config(mosquitto, unique_topic, 2, tmp_path / "state", BLK))
     log = tmp_path / "err.log"
     exe = Path(sys.executable).with_name("floorline")
     with log.open("w") as err:
@@ -287,14 +306,14 @@ def test_floorline_run_forks_spawns_on_reload_and_workers_die_with_it(
         wait_until(lambda: "connected" in log.read_text(), 30, "daemon connected")
         time.sleep(0.5)  # subscribed
         assert proc.poll() is None
-        assert len(children()) == 4  # two pipelines, two workers each
-        _feed(probe, unique_topic, 0, 96)
+        assert len(children()) == 2  # one pipeline, two workers
+        _feed(probe, unique_topic, 0, 96, which=BLK)
         probe.wait_for(ASSETS, timeout=60)
         cfg.write_text(cfg.read_text().replace("workers: 2", "workers: 3"))
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "worker processes (spawn)" in log.read_text(), 60, "reload spawned")
-        wait_until(lambda: len(children()) == 6, 30, "old workers reaped, new ones running")
-        _feed(probe, unique_topic, 96, SAMPLES)
+        wait_until(lambda: len(children()) == 3, 30, "old workers reaped, new ones running")
+        _feed(probe, unique_topic, 96, SAMPLES, which=BLK)
         probe.wait_for(ASSETS * (SAMPLES // 64), timeout=60)
         workers = children()
     finally:
@@ -349,3 +368,31 @@ pipelines:
     with pytest.raises(ConfigError, match=re.escape("asset.payload: true needs workers: 1")):
         parse_config(text)
     assert parse_config(text.replace("workers: 2", "workers: 1")).pipelines[0].workers == 1
+
+
+def test_a_frame_goes_out_in_order_in_runs_the_first_storing_every_seq():
+    """The worker's frame (columns + seq marks) and the reader's submits of it, without processes:
+    every message in order, runs of at most _SUBMIT, and the first run carries every counter the
+    frames advanced (stored before any of their predictions can be published)."""
+    sink = workers_module.Sink(None)
+    first = [Outbound(f"pred/a/{i}", b"%d" % i, 1) for i in range(50)]
+    sink(Predictions(first, SeqMarks("p", {"a": 50})))
+    sink([Outbound("dlq/p", b"bad", 0)])  # a dead letter between two batches
+    second = [Outbound(f"pred/b/{i}", b"%d" % i, 1) for i in range(40)]
+    sink(Predictions(second, SeqMarks("p", {"a": 51, "b": 40})))
+    frame_one = ("turn", *sink.take(), {"taken": 1}, {})
+    assert not sink.pending()
+    sink(Predictions([Outbound("pred/c/0", b"0", 1)], SeqMarks("p", {"c": 1})))
+    frame_two = ("turn", *sink.take(), {"taken": 2}, {})
+
+    submitted: list[Any] = []
+    reader = SimpleNamespace(sink=submitted.append, name="p", _metrics_observe=None)
+    WorkerPipeline._deliver(reader, [frame_one, frame_two])  # type: ignore[arg-type]
+
+    flat = [m for run in submitted for m in run]
+    assert flat == [*first, Outbound("dlq/p", b"bad", 0), *second, Outbound("pred/c/0", b"0", 1)]
+    assert all(isinstance(m, Outbound) for m in flat)
+    assert [len(run) for run in submitted] == [64, len(flat) - 64]
+    assert isinstance(submitted[0], Predictions)
+    assert submitted[0].marks == SeqMarks("p", {"a": 51, "b": 40, "c": 1})
+    assert not any(isinstance(run, Predictions) for run in submitted[1:])

@@ -3,12 +3,16 @@
 The daemon process (the *reader*) keeps the MQTT connection, routing, the outbox and the
 publisher. A ``WorkerPipeline`` is a ``Pipeline`` whose stages run in N child processes instead
 of a thread: each message goes to the worker ``crc32(asset) % N`` (the asset from the topic, so
-one asset always meets the same worker, windower and socket), one pickled list per worker per
-turn of the reader's sender thread. A worker decodes, windows, batches, infers and encodes as
-the thread does, and sends back, in order, what the pipeline submitted (predictions with their
-seq marks, dead letters) plus counter snapshots; the reader's results thread hands them to
-``Daemon.send`` in that order. So the reader stays the only writer of the outbox and its seq
-table, and an asset's predictions keep their order.
+one asset always meets the same worker, windower and socket), in runs of up to ``_RUN``
+messages per hand-off of the worker's sender thread (pickled as columns). A worker decodes,
+windows, batches, infers and encodes as the thread does, and sends back one frame per turn:
+what the pipeline submitted (finished predictions and dead letters, as columns of topics and
+payload bytes; each asset's next seq) plus a counter snapshot. One results thread in the reader
+takes the frames of all workers that arrived together and hands them to ``Daemon.send`` in
+order, in runs of up to ``_SUBMIT`` messages (one outbox transaction and one publish run each).
+So the reader stays the only writer of the outbox and its seq table, an asset's predictions
+keep their order, and the reader's work per message is that of MQTT and the outbox, not of a
+hand-off per message or per batch (docs/workers.md, "Throughput").
 
 How children start: forked after the bundle is loaded when the reader runs no other thread (a
 fork copies the loaded model, shared until written); otherwise (a reload, a fleet push, an
@@ -38,7 +42,9 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Sequence
+from itertools import repeat
 from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +59,15 @@ from floorline.edge.messages import Inbound, Outbound
 log = logging.getLogger(__name__)
 
 _RUN = 256  # messages the sender takes from a worker's queue per hand-off
+_LINGER_S = 0.002  # a run shorter than _RUN waits this long for more (added latency, at most)
 _HEARTBEAT_S = 1.0  # an idle worker reports at least this often
 _STALL_S = 30.0  # a worker with input outstanding and no report for this long is stalled
 _STOP = b"STOP"
+_IN = "in"  # a frame of input: (_IN, topics, payloads, received)
+_MERGE = 512  # messages the reader takes at most in one go (frames that arrived together)
+_SUBMIT = 64  # messages per submit: one outbox transaction and one publish run each
+_NEW: Any = tuple.__new__
+"""``_NEW(Outbound, row)`` builds a named tuple in C: what ``Outbound._make`` calls, no frame."""
 READY_S = 120.0
 """How long a worker may take to load its pipeline (a spawned one loads the bundle again)."""
 
@@ -65,19 +77,51 @@ worker sees end-of-file when the reader dies (and then exits)."""
 
 
 class Sink:
-    """Where a pipeline's messages go: the daemon's ``send`` in the reader, a list in a worker."""
+    """Where a pipeline's messages go: the daemon's ``send`` here, a frame in a worker.
+
+    A worker's frame is flat: every message of a turn in submit order, as columns (topics,
+    payloads, QoS, retain: pickled as four lists, not one object per message), and each asset's
+    latest next ``seq`` over the turn's batches. The reader commits and publishes what frames
+    bring in runs of up to ``_SUBMIT`` messages, however many batches made them.
+    """
 
     def __init__(self, target: Submit | None) -> None:
         self.target = target
-        self.out: list[tuple[list[Outbound], SeqMarks | None]] = []
+        self.topics: list[str] = []
+        self.payloads: list[bytes] = []
+        self.qos: list[int] = []
+        self.retain: list[bool] = []
+        self.marks: dict[str, int] | None = None
+        """Asset → next seq over the frame's ``Predictions``; None when it carries none."""
         self.batches: list[tuple[str, int, float, list[float]]] = []
 
     def __call__(self, messages: Sequence[Outbound]) -> None:
         """Submit MESSAGES (a batch's ``Predictions`` keep their seq marks)."""
         if self.target is not None:
             self.target(messages)
-        else:
-            self.out.append((list(messages), getattr(messages, "marks", None)))
+            return
+        for topic, payload, qos, retain in messages:
+            self.topics.append(topic)
+            self.payloads.append(payload)
+            self.qos.append(qos)
+            self.retain.append(retain)
+        if isinstance(messages, Predictions):
+            if self.marks is None:
+                self.marks = {}
+            # Later batches carry higher numbers: the last one per asset is the frame's.
+            self.marks.update(messages.marks.next_seq)
+
+    def take(self) -> tuple[list[str], list[bytes], list[int], list[bool],
+                            dict[str, int] | None, list[tuple[str, int, float, list[float]]]]:
+        """The frame's columns, marks and batch metrics; the sink starts a new frame."""
+        out = (self.topics, self.payloads, self.qos, self.retain, self.marks, self.batches)
+        self.topics, self.payloads, self.qos, self.retain = [], [], [], []
+        self.marks, self.batches = None, []
+        return out
+
+    def pending(self) -> bool:
+        """Whether the frame holds anything to send."""
+        return bool(self.topics or self.marks is not None or self.batches)
 
     def observe(self, name: str, size: int, seconds: float, e2e: list[float]) -> None:
         """A batch's metrics, sent back with the frame (``Metrics.observe_batch`` in the reader)."""
@@ -164,8 +208,10 @@ class WorkerPipeline(Pipeline):
         self.counters["received"] += len(items)
         workers = self._workers
         split: list[list[Inbound]] = [[] for _ in workers]
+        parts, find = self._parts, self._part
         for item in items:
-            split[self._part(item[0])].append(item)
+            n = parts.get(item[0])  # inline: one dict look-up per message, no call
+            split[find(item[0]) if n is None else n].append(item)
         for w, part in zip(workers, split, strict=True):
             if not part:
                 continue
@@ -250,11 +296,14 @@ class WorkerPipeline(Pipeline):
             states = {a: s for a, s in self._adopted.items() if self._owner(a) == w.index}
             w.conn.send_bytes(pickle.dumps(("setup", self._floors, states), protocol=5))
         for w in self._workers:
-            for fn, kind in ((self._send_loop, "send"), (self._result_loop, "results")):
-                t = threading.Thread(target=fn, args=(w,), daemon=True,
-                                     name=f"pipeline-{self.name}-{kind}-{w.index}")
-                t.start()
-                (self._senders if kind == "send" else self._readers).append(t)
+            t = threading.Thread(target=self._send_loop, args=(w,), daemon=True,
+                                 name=f"pipeline-{self.name}-send-{w.index}")
+            t.start()
+            self._senders.append(t)
+        t = threading.Thread(target=self._result_loop, daemon=True,
+                             name=f"pipeline-{self.name}-results")
+        t.start()
+        self._readers.append(t)
         self._started = True
 
     def _send_loop(self, w: _Worker) -> None:
@@ -262,10 +311,20 @@ class WorkerPipeline(Pipeline):
         assert conn is not None  # noqa: S101
         while True:
             items = w.queue.get_many(_RUN, timeout=0.1)
+            if 0 < len(items) < _RUN and not w.stopping:
+                # A short run: let the network thread's next reads join it. Each hand-off wakes
+                # this thread, the worker and its reply: one per read would cost the reader
+                # more than the messages' own work (docs/workers.md).
+                time.sleep(_LINGER_S)
+                items += w.queue.get_many(_RUN - len(items), timeout=0)
             if items:
+                # Columns, not one pickled Inbound per message: (topics, payloads, received).
+                # Topics repeat, and pickle writes each shared str once per frame.
+                topics, payloads, received, _tokens = zip(*items, strict=True)
                 try:
                     with w.send_lock:
-                        conn.send_bytes(pickle.dumps(items, protocol=5))
+                        conn.send_bytes(pickle.dumps((_IN, topics, payloads, received),
+                                                     protocol=5))
                         w.sent += len(items)
                 except (OSError, ValueError):
                     self.counters["dropped_worker_dead"] += len(items)
@@ -275,40 +334,95 @@ class WorkerPipeline(Pipeline):
             with contextlib.suppress(OSError, ValueError):
                 conn.send_bytes(_STOP)
 
-    def _result_loop(self, w: _Worker) -> None:
-        conn = w.conn
-        assert conn is not None  # noqa: S101
-        while True:
-            try:
-                frame = pickle.loads(conn.recv_bytes())  # noqa: S301 - our own child
-            except (EOFError, OSError):
-                break
-            kind, out, batches, snapshot, states = frame
-            for messages, marks in out:
-                self.sink(Predictions(messages, marks) if marks is not None else messages)
+    def _result_loop(self) -> None:
+        """Every worker's frames, on one thread: what arrived together goes out together.
+
+        One thread for all workers, not one each: fewer threads taking turns at the reader's
+        GIL, and frames from several workers committed and published in one run.
+        """
+        live = {w.conn: w for w in self._workers if w.conn is not None}
+        while live:
+            got: list[tuple[Connection, list[tuple[Any, ...]]]] = []
+            ended: list[Connection] = []
+            held = 0
+            for conn in wait_any(list(live), timeout=_HEARTBEAT_S):
+                assert isinstance(conn, Connection)  # noqa: S101
+                frames: list[tuple[Any, ...]] = []
+                try:
+                    # Frames that arrived meanwhile go with the first: bounded, so the outbox's
+                    # in-memory tail still holds them when the publisher reads them back.
+                    while True:
+                        frames.append(pickle.loads(conn.recv_bytes()))  # noqa: S301 - our child
+                        held += len(frames[-1][1])
+                        if held >= _MERGE or not conn.poll(0):
+                            break
+                except (EOFError, OSError):
+                    ended.append(conn)  # after what was read is sent: it came before the end
+                got.append((conn, frames))
+            everything = [f for _, frames in got for f in frames]
+            if everything:
+                self._deliver(everything)
+            for conn, frames in got:
+                w = live[conn]
+                for kind, *_columns, snapshot, states in frames:
+                    w.snapshot = snapshot
+                    w.taken = snapshot["taken"]
+                    w.last_report = time.monotonic()
+                    self.last_progress = w.last_report
+                    if kind == "final":
+                        w.states = states
+                        w.done.set()
+            for conn in ended:
+                w = live[conn]
+                if not w.done.is_set():
+                    self._died(w)
+            for conn, _frames in got:
+                if live[conn].done.is_set():  # its final frame, or its end
+                    del live[conn]
+
+    def _died(self, w: _Worker) -> None:
+        """W's socket ended without its final frame: the process died (or was killed)."""
+        w.process.join(1.0)
+        code = w.process.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
+        w.death = f"worker {w.index} (pid {w.process.pid}) died: {how}"
+        lost = w.outstanding()
+        # Killed by stop() after its drain deadline: said there already, not a crash.
+        level = logging.WARNING if self._stopped else logging.CRITICAL
+        log.log(level, "pipeline %s: %s; %d messages it held are lost", self.name, w.death, lost)
+        self.counters["lost_worker_dead"] += lost
+        w.done.set()
+
+    def _deliver(self, frames: list[tuple[Any, ...]]) -> None:
+        """FRAMES' messages, in order, to the publish path in runs; their batch metrics."""
+        if len(frames) == 1:
+            _kind, topics, payloads, qos, retain, marks, batches = frames[0][:7]
+        else:
+            topics, payloads, qos, retain, marks, batches = [], [], [], [], None, []
+            for frame in frames:
+                topics += frame[1]
+                payloads += frame[2]
+                qos += frame[3]
+                retain += frame[4]
+                if frame[5] is not None:
+                    marks = {**marks, **frame[5]} if marks is not None else frame[5]
+                batches += frame[6]
+        messages: list[Outbound] = list(map(_NEW, repeat(Outbound),
+                                            zip(topics, payloads, qos, retain, strict=True)))
+        # In runs the publisher can hand to the connection at once (within its in-flight
+        # window); the first carries every counter the frames advanced, so no seq can be
+        # published before it is stored (a number skipped after a crash is allowed, a repeat
+        # is not).
+        for at in range(0, max(len(messages), 1), _SUBMIT):
+            run = messages[at:at + _SUBMIT]
+            if marks is not None:
+                self.sink(Predictions(run, SeqMarks(self.name, marks)))
+                marks = None
+            elif run:
+                self.sink(run)
+        if self._metrics_observe is not None:
             for batch in batches:
-                if self._metrics_observe is not None:
-                    self._metrics_observe(*batch)
-            w.snapshot = snapshot
-            w.taken = snapshot["taken"]
-            w.last_report = time.monotonic()
-            self.last_progress = w.last_report
-            if kind == "final":
-                w.states = states
-                w.done.set()
-                return
-        if not w.done.is_set():
-            w.process.join(1.0)
-            code = w.process.exitcode
-            how = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
-            w.death = f"worker {w.index} (pid {w.process.pid}) died: {how}"
-            lost = w.outstanding()
-            # Killed by stop() after its drain deadline: said there already, not a crash.
-            level = logging.WARNING if self._stopped else logging.CRITICAL
-            log.log(level, "pipeline %s: %s; %d messages it held are lost", self.name, w.death,
-                    lost)
-            self.counters["lost_worker_dead"] += lost
-            w.done.set()
+                self._metrics_observe(*batch)
 
     def stop(self, *, drain_all: bool = False) -> None:
         """Workers finish what they were sent, flush their last batch and exit; then reaped."""
@@ -424,7 +538,8 @@ def _fork_main(template: WorkerPipeline, conn: Connection, parent: Connection) -
             os.close(other.fileno())
     # This process's copy of the sink (the decoder and the pipeline hold it): collect, not send.
     sink = template.sink
-    sink.target, sink.out, sink.batches = None, [], []
+    sink.target = None
+    sink.take()
     _serve(template, sink, conn)
 
 
@@ -460,12 +575,13 @@ def _serve(pipeline: Pipeline, sink: Sink, conn: Connection) -> None:
                     stop = True
                 else:
                     msg = pickle.loads(data)  # noqa: S301 - from the reader that forked us
-                    if isinstance(msg, tuple):  # ("setup", floors, states)
+                    if msg[0] == _IN:  # (_IN, topics, payloads, received)
+                        pipeline.process(list(map(_NEW, repeat(Inbound), zip(
+                            msg[1], msg[2], msg[3], repeat(None), strict=False))))
+                    else:  # ("setup", floors, states)
                         # Pipeline's own: a forked WorkerPipeline overrides them for the reader.
                         Pipeline.seed_seqs(pipeline, msg[1])
                         Pipeline.adopt_windows(pipeline, msg[2])
-                    else:
-                        pipeline.process(msg)
         except (EOFError, OSError):
             os._exit(0)  # the reader is gone: nothing to report to
         pipeline.tick()
@@ -474,7 +590,7 @@ def _serve(pipeline: Pipeline, sink: Sink, conn: Connection) -> None:
             _report(conn, "final", pipeline, sink, Pipeline.window_states(pipeline))
             break
         now = time.monotonic()
-        if sink.out or sink.batches or now - last >= _HEARTBEAT_S:
+        if sink.pending() or now - last >= _HEARTBEAT_S:
             _report(conn, "turn", pipeline, sink, {})
             last = now
     conn.close()
@@ -483,8 +599,7 @@ def _serve(pipeline: Pipeline, sink: Sink, conn: Connection) -> None:
 
 def _report(conn: Connection, kind: str, pipeline: Pipeline, sink: Sink,
             states: dict[str, bytes]) -> None:
-    frame = (kind, sink.out, sink.batches, pipeline.snapshot(), states)
-    sink.out, sink.batches = [], []
+    frame = (kind, *sink.take(), pipeline.snapshot(), states)
     try:
         conn.send_bytes(pickle.dumps(frame, protocol=5))
     except OSError:
