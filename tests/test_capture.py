@@ -52,6 +52,7 @@ def policy(svc: CaptureService, name: str = "vib", **kw: object) -> Capture:
     cap = svc.policy(CaptureConfig.model_validate(kw), pipeline=name, manifest=MANIFEST,
                      sha256="ab" * 32, thresholds={"bearing_outer_race": 0.9})
     assert cap is not None
+    cap.activate()  # what Pipeline.start does
     return cap
 
 
@@ -129,6 +130,41 @@ def test_a_mark_keeps_the_windows_around_it(service):
     cap.mark("drift", "a")  # F2's drift detector calls this
     offer(cap, windows("a", 5, 3))
     assert rows(service) == {3: "before_drift", 4: "before_drift", 5: "drift", 6: "after_drift"}
+
+
+def test_a_mark_lapses_for_an_asset_that_stays_silent(service):
+    cap = policy(service, before=2, after=2, alerts=False)
+    offer(cap, windows("dying", 0, 5))
+    cap.expire_s = 0.0  # the mark lapses at once (the pipeline sets drift's window_s)
+    cap.mark("drift", "dying")  # its sensor drifts, then goes silent
+    offer(cap, windows("other", 5, 3))
+    offer(cap, windows("dying", 5000, 3, t0=1e6))  # back much later: not "drift" data
+    assert rows_by_asset(service) == {}
+
+
+def test_an_after_countdown_lapses_for_an_asset_that_stays_silent(service):
+    cap = policy(service, before=1, after=3)
+    offer(cap, windows("old", 0, 2))
+    cap.mark("drift")  # pipeline-wide: "old" is not in the batch, its next windows would be after
+    cap.expire_s = 0.0  # the countdowns started by the next batch lapse at once
+    offer(cap, windows("live", 10, 2))
+    offer(cap, windows("old", 1000, 2, t0=1e6))
+    assert rows_by_asset(service) == {("old", 1): "before_drift", ("live", 10): "drift"}
+
+
+def test_pending_marks_are_bounded_oldest_out(service):
+    cap = policy(service, before=0, after=0, alerts=False)
+    for k in range(4097):  # one over the bound
+        cap.mark("drift", f"asset-{k}")
+    offer(cap, windows("asset-0", 0, 1) + windows("asset-4096", 0, 1))
+    assert rows_by_asset(service) == {("asset-4096", 0): "drift"}
+
+
+def test_an_asset_named_star_is_just_an_asset(service):
+    cap = policy(service, before=0, after=0, alerts=False)
+    cap.mark("drift", "*")
+    offer(cap, windows("a", 0, 1) + windows("*", 0, 1))
+    assert rows_by_asset(service) == {("*", 0): "drift"}
 
 
 def test_a_pipeline_wide_mark_keeps_every_assets_windows_around_it(service):
@@ -238,6 +274,18 @@ def test_a_full_queue_drops_counted_and_never_blocks(tmp_path):
 
 
 # -- labels -----------------------------------------------------------------------------------
+
+
+def test_windows_labelled_after_they_were_stored_count_under_label_once(service):
+    cap = policy(service, keep_recent_s=3600, before=0, after=0, alerts=False)
+    offer(cap, windows("a", 0, 10))  # stored as "recent"; windows end at 1000.063 + seq
+    offer(cap, windows("b", 0, 10))
+    rows(service)
+    service.on_label("t", b'{"asset": "a", "from": 1000, "to": 1005, "label": "imbalance"}')
+    service.on_label("t", b'{"asset": "a", "from": 1000, "to": 1007, "label": "imbalance"}')
+    rows(service)
+    reasons = service.stats()["pipelines"]["vib"]["reasons"]
+    assert reasons == {"recent": 20, "label": 7}  # seq 0-6; 0-4 labelled twice, counted once
 
 
 def test_label_commands_are_checked():
@@ -423,9 +471,79 @@ def test_windows_keep_the_model_that_predicted_them_across_a_reload(service, tmp
     new = service.policy(CaptureConfig(sample_rate=1.0, before=0, after=0), pipeline="vib",
                          manifest=MANIFEST, sha256="cd" * 32)
     assert new is not None
+    new.activate()
     offer(old, windows("a", 0, 2))  # the old generation's last batch, after the new one built
     offer(new, windows("a", 2, 2))
     rows(service)
     export(tmp_path, tmp_path / "both.npz")
     data = np.load(tmp_path / "both.npz")
     assert data["model_sha256"].tolist() == ["ab" * 32] * 2 + ["cd" * 32] * 2
+
+
+def _refused(state: Path, capture: str, extra: str, mosquitto) -> str:
+    """A config that validates but is refused at build: its second pipeline has no bundle."""
+    broken = _capturing("in", capture) + f"""
+  - name: second
+    subscribe: ["in2/+/vibration"]
+    bundle: "{state}/no-such-bundle"
+    decoder: {{type: json, samples: samples, timestamp: ts, sequence: seq}}
+"""
+    return config_text(mosquitto, broken, gateway="gw-r", state_dir=state, extra=extra)
+
+
+def test_a_refused_push_keeps_the_running_capture_bounds_and_windows(mosquitto, monkeypatch):
+    monkeypatch.setattr(capture_store, "_AGE_EVERY_S", 0.0)  # age bounds at every write
+    state = Path(tempfile.mkdtemp(prefix="floorline-test-state-"))
+    good = config_text(mosquitto, _capturing("in", "{sample_rate: 1.0}"), gateway="gw-r",
+                       state_dir=state)
+    # Built (its first pipeline with these bounds), then refused: the second cannot load.
+    bad = _refused(state, "{sample_rate: 1.0, max_age_s: 0.001, max_bytes: 65536}", "",
+                   mosquitto)
+    samples = asset_samples(64 * 9, seed=5)
+
+    def feed(k: int) -> None:
+        daemon._on_message("in/pump-07/vibration",
+                           block_payload(samples[64 * k: 64 * (k + 1)], 64 * k, 1000.0), 0.0)
+        wait_until(lambda: daemon.pipelines[0].counters["predictions"] == k + 1, 30,
+                   "predicted")
+
+    with running(good) as daemon:
+        for k in range(8):
+            feed(k)
+        assert daemon.capture.store is not None
+        assert daemon.capture.store.flush()
+        assert daemon.stats()["capture"]["pipelines"]["vibration"]["windows"] == 8
+        assert not daemon.apply(parse_config(bad)).ok
+        feed(8)  # a write: the writer prunes to the bounds in force
+        assert daemon.capture.store.flush()
+        facts = daemon.stats()["capture"]["pipelines"]["vibration"]
+        assert facts["windows"] == 9, facts
+        assert "evicted_max_age" not in facts
+        # A configuration that runs puts its bounds in force, counters carried over.
+        again = config_text(mosquitto, _capturing("in", "{sample_rate: 1.0, max_bytes: 70000}"),
+                            gateway="gw-r", state_dir=state)
+        assert daemon.apply(parse_config(again)).ok
+        bounds = daemon.capture.store._bounds["vibration"]
+        assert (bounds.max_bytes, bounds.stored, bounds.counters["captured"]) == (70000, 9, 9)
+
+
+def test_a_refused_push_leaves_the_label_topic_alone(mosquitto):
+    state = Path(tempfile.mkdtemp(prefix="floorline-test-state-"))
+    good = config_text(mosquitto, _capturing("in", "{sample_rate: 0.1}"), gateway="gw-r",
+                       state_dir=state)
+    moved_label = 'topics: {capture_label: "site/{gateway}/labels"}\n'
+    bad = _refused(state, "{sample_rate: 0.1}", moved_label, mosquitto)
+    label = b'{"asset": "p", "last_s": 60, "label": "x"}'
+    with running(good) as daemon:
+        assert not daemon.apply(parse_config(bad)).ok
+        assert daemon.capture.topic == "floorline/gw-r/capture/label"
+        assert daemon._extra_subscriptions == ["floorline/gw-r/capture/label"]
+        daemon._on_message("site/gw-r/labels", label, 0.0)  # not a route: unroutable
+        daemon._on_message("floorline/gw-r/capture/label", label, 0.0)
+        assert daemon.capture.labels == {"accepted": 1}
+        # The same topic change in a configuration that runs takes effect.
+        moved = config_text(mosquitto, _capturing("in", "{sample_rate: 0.1}"), gateway="gw-r",
+                            state_dir=state, extra=moved_label)
+        assert daemon.apply(parse_config(moved)).ok
+        assert daemon.capture.topic == "site/gw-r/labels"
+        assert "site/gw-r/labels" in daemon._subscriptions(daemon.router.generation)

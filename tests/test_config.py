@@ -47,6 +47,55 @@ def test_drift_and_capture_topic_templates_default_to_the_topics_they_replaced()
         "site/{gateway}/labels")
 
 
+CAPTURING = PIPELINE + "    capture: {sample_rate: 0.1}\n"
+TWO_PIPELINES = PIPELINE + """  - name: temp
+    subscribe: ["plant/+/+/temperature"]
+    bundle: models/pdm
+    decoder: {type: json}
+"""
+
+
+@pytest.mark.parametrize(
+    ("topics", "pipelines", "words"),
+    [
+        ("{drift: 'floorline/{gateway}/state'}", PIPELINE,
+         ("topics.state and topics.drift are the same topic: topics.state (floorline/gw1/state)"
+          " and topics.drift (floorline/gw1/state, pipeline vib); give topics.drift its own")),
+        ("{alerts: 'floorline/{gateway}/drift/{pipeline}'}", PIPELINE,
+         "topics.drift and topics.alerts are the same topic"),
+        ("{alerts: 'floorline/{gateway}/dlq/{pipeline}'}", PIPELINE,
+         "topics.dead_letter and topics.alerts are the same topic"),
+        ("{drift: 'floorline/{gateway}/drift'}", TWO_PIPELINES,
+         "topics.drift: 'floorline/{gateway}/drift' has no {pipeline}, and pipelines vib, temp"),
+        ("{capture_label: 'floorline/{gateway}/desired'}", CAPTURING,
+         "topics.capture_label (floorline/gw1/desired) is the fleet's desired-state topic"),
+        ("{capture_label: 'floorline/{gateway}/stats'}", CAPTURING,
+         "topics.stats and topics.capture_label are the same topic"),
+        ("{capture_label: 'plant/a/labels/vibration'}", CAPTURING,
+         ("pipeline vib: subscribe 'plant/+/+/vibration' covers topics.capture_label "
+          "(plant/a/labels/vibration): the label commands would be read as its input")),
+        ("{capture_label: '$SYS/{gateway}/labels'}", CAPTURING,
+         "topics.capture_label: '$SYS/{gateway}/labels' starts with '$'"),
+        ("{capture_label: '$share/g/{gateway}/labels'}", CAPTURING, "starts with '$'"),
+        ("{predictions: 'floorline/{gateway}/{asset}'}", PIPELINE,
+         ("pipeline vib: its predictions' topic 'floorline/{gateway}/{asset}' can be "
+          "topics.state (floorline/gw1/state)")),
+    ],
+)
+def test_topics_that_collide_are_refused_naming_both_keys(topics, pipelines, words):
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg(f"topics: {topics}\n", pipelines))
+    assert words in str(err.value)
+
+
+def test_topics_collide_only_where_they_are_used():
+    # No pipeline captures: the label topic is not subscribed. One pipeline: one drift topic.
+    parse_config(cfg("topics: {capture_label: 'floorline/{gateway}/stats'}\n"))
+    parse_config(cfg("topics: {drift: 'floorline/{gateway}/drift'}\n"))
+    parse_config(cfg("topics: {drift: 'floorline/{gateway}/state'}\n",
+                     PIPELINE + "    drift: {enabled: false}\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [

@@ -273,6 +273,24 @@ def test_per_asset_flags_and_alerts_only_the_drifting_asset(referenced: Manifest
     assert list(doc["assets"]["top"]) == ["b"]
 
 
+def test_a_failing_drift_hook_is_logged_once_per_period_and_alerts_go_out(
+    referenced: Manifest, caplog: pytest.LogCaptureFixture,
+) -> None:
+    mon = _monitor(referenced, per_asset=True)
+
+    def hook(asset: str | None) -> None:
+        raise RuntimeError(f"capture broke for {asset}")
+
+    mon.on_drift = hook
+    x = _windows(np.random.default_rng(5), 2000)
+    x[1::2] += 0.5  # assets b and d drift
+    with caplog.at_level(logging.ERROR, "floorline.edge.stream.drift"):
+        out, _, _ = _feed(mon, x, 0.0, assets=["a", "b", "c", "d"], per_batch=100)
+    assert sorted(a["asset"] for a in _alerts(out)) == ["b", "d"]
+    assert mon.errors == 2
+    assert caplog.text.count("the drift hook failed") == 1
+
+
 def test_per_asset_memory_is_bounded(referenced: Manifest) -> None:
     mon = _monitor(referenced, per_asset=True, max_assets=5)
     x = _windows(np.random.default_rng(6), 400)
@@ -569,6 +587,7 @@ def test_per_asset_drift_marks_only_the_drifting_asset(referenced: Manifest,
     cap = svc.policy(CaptureConfig(before=1, after=1, alerts=False), pipeline="vib",
                      manifest=referenced, sha256="ab" * 32)
     assert cap is not None
+    cap.activate()  # what Pipeline.start does
     mon = _monitor(referenced, per_asset=True)
     mon.on_drift = lambda asset: cap.mark("drift", asset)
     rng = np.random.default_rng(4)
@@ -638,3 +657,34 @@ def test_drift_alert_and_label_topics_follow_the_config_templates(
     assert orjson.loads(alert.payload)["state"] == "drift"
     assert (alert.qos, alert.retain) == (1, False)
 
+
+
+def test_a_reload_that_moves_the_drift_topic_clears_the_old_retained_measures(
+    mosquitto: Mosquitto, unique_topic: str, sk_bundle: Path, tmp_path: Path,
+) -> None:
+    from floorline.edge.config.model import parse_config  # noqa: PLC0415
+    from tests import sklearn_zoo  # noqa: PLC0415
+
+    pipelines = SK_PIPELINE.format(prefix=unique_topic, bundle=sk_bundle)
+    rows = sklearn_zoo.features(400, 31)[0]
+    old_topic = "floorline/gw-test/drift/health"
+    with MqttProbe().connect("127.0.0.1", mosquitto.port) as probe, \
+            running(config_text(mosquitto, pipelines, state_dir=tmp_path)) as daemon:
+        probe.subscribe(old_topic, qos=1)
+
+        def measured() -> bool:  # windows until a measure was published (every interval_s)
+            _send_features(probe, f"{unique_topic}/pump-1/features", rows[:40])
+            return any(m.payload for m in probe.messages)
+
+        wait_until(measured, 15, "a drift measure")
+        moved = config_text(mosquitto, pipelines, state_dir=tmp_path,
+                            extra="topics: {drift: 'site/{gateway}/drift/{pipeline}'}\n")
+        assert daemon.apply(parse_config(moved)).ok
+        wait_until(lambda: any(m.payload == b"" for m in probe.messages), 10,
+                   "the old topic cleared")
+    with MqttProbe().connect("127.0.0.1", mosquitto.port) as late:
+        late.subscribe(old_topic, qos=1)
+        late.subscribe(f"{unique_topic}/done", qos=1)
+        late.publish(f"{unique_topic}/done", b"x", qos=1)  # comes after any retained message
+        wait_until(lambda: any(m.topic.endswith("/done") for m in late.messages), 5, "echo")
+        assert not [m for m in late.messages if m.topic == old_topic]

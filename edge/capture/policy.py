@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 _LOG_EVERY_S = 30.0
 _MAX_ASSETS = 4096  # assets whose recent windows are held for "before" (oldest asset out)
-_ALL = "*"
+_MAX_MARKS = _MAX_ASSETS  # assets with a mark pending (oldest mark out)
+_SWEEP_S = 10.0
+MARK_EXPIRE_S = 600.0
+"""How long a mark waits for its asset's next window, and an ``after`` countdown for the next
+ones (the pipeline sets its drift ``window_s``): an asset that went silent and comes back much
+later does not have its first windows stored as ``drift`` / ``after_drift``."""
 
 
 class _Heads:
@@ -84,18 +89,31 @@ class Capture:
         self.pipeline = pipeline
         self._store = store
         self._heads = _Heads(manifest, labels, thresholds)
-        self.bounds = store.register(pipeline, Bounds(
+        # In force only from ``activate``: a configuration refused after this pipeline was
+        # built must not apply its bounds to the running pipeline's stored windows.
+        self.bounds = Bounds(
             gateway=gateway,
             model={"name": manifest.name, "version": manifest.version, "sha256": sha256},
             max_bytes=config.max_bytes, max_age_s=config.max_age_s,
             keep_recent_s=config.keep_recent_s,
-        ))
+        )
         self._acc = 0.0  # sampling accumulator: every 1/sample_rate-th window, deterministic
         self._recent: dict[str, deque[tuple[Window, float, str | None, float]]] = {}
-        self._after: dict[str, tuple[int, str]] = {}  # asset -> (windows still to keep, why)
-        self._marks: dict[str, str] = {}
+        self.expire_s = MARK_EXPIRE_S
+        # asset -> (windows still to keep, why, until: monotonic time)
+        self._after: dict[str, tuple[int, str, float]] = {}
+        self._swept = 0.0
+        self._marks: dict[str, tuple[str, float]] = {}  # asset -> (reason, until)
+        self._mark_all: tuple[str, float] | None = None  # every asset's: (reason, until)
         self._marks_lock = threading.Lock()
         self._last_error = 0.0
+
+    def activate(self) -> None:
+        """Put this pipeline's bounds in force in the store (``Pipeline.start``).
+
+        Before any ``offer``; from here its stored windows are pruned to them.
+        """
+        self.bounds = self._store.register(self.pipeline, self.bounds)
 
     def mark(self, reason: str, asset: str | None = None) -> None:
         """Capture the windows around now for REASON (e.g. ``drift``), ASSET's or every asset's.
@@ -104,9 +122,18 @@ class Capture:
         windows held (``before`` > 0). Any thread. Takes effect at the pipeline's next batch:
         the ``before`` windows held for the asset are stored, its first window in that batch
         (with the asset's name) is stored for REASON, and its next ``after`` windows are.
+        A mark (and the ``after`` countdown) lapses after ``expire_s``; at most _MAX_MARKS
+        assets' marks wait (the oldest goes).
         """
+        until = time.monotonic() + self.expire_s
         with self._marks_lock:
-            self._marks[asset or _ALL] = reason
+            if asset is None:
+                self._mark_all = (reason, until)
+                return
+            self._marks.pop(asset, None)  # re-marked: now the newest
+            self._marks[asset] = (reason, until)
+            if len(self._marks) > _MAX_MARKS:
+                self._marks.pop(next(iter(self._marks)))
 
     def offer(self, batch: Sequence[Window], out: NDArray[np.float32]) -> None:
         """Store what this batch's policy picks; never blocks, never raises.
@@ -131,27 +158,38 @@ class Capture:
             alert[:] = False
         low = (top < cfg.low_confidence if cfg.low_confidence is not None
                else np.zeros(len(batch), dtype=bool))
-        marks: dict[str, str] = {}
-        if self._marks:
+        now = time.monotonic()
+        marks: dict[str, tuple[str, float]] = {}
+        everyone: str | None = None
+        if self._marks or self._mark_all is not None:
             with self._marks_lock:
                 marks, self._marks = self._marks, {}
+                mark_all, self._mark_all = self._mark_all, None
+            marks = {a: m for a, m in marks.items() if m[1] > now}
+            if mark_all is not None and mark_all[1] > now:
+                everyone = mark_all[0]
+        after = self._after
+        if after and now - self._swept >= _SWEEP_S:
+            self._swept = now
+            for asset in [a for a, (_, _, until) in after.items() if until <= now]:
+                del after[asset]
         ts = time.time()
         keep_all = cfg.keep_recent_s > 0
         top_list = top.tolist()
         out_records: list[Record] = []
-        everyone = marks.pop(_ALL, None)
+        until = now + self.expire_s
         if everyone is not None:
             # This batch's assets: their first window here is the marked one (below). Other
             # assets seen lately: their held windows now, their next ones after.
             for w in batch:
-                marks.setdefault(w.asset, everyone)
+                marks.setdefault(w.asset, (everyone, until))
             for asset in list(self._recent):
                 if asset in marks:
                     continue
                 self._flush_before(asset, everyone, out_records)
                 if cfg.after:
-                    self._after[asset] = (cfg.after, everyone)
-        rate, before, after = cfg.sample_rate, cfg.before, self._after
+                    after[asset] = (cfg.after, everyone, until)
+        rate, before = cfg.sample_rate, cfg.before
         flagged = (low | alert).tolist()
         for i, w in enumerate(batch):
             self._acc += rate
@@ -170,19 +208,21 @@ class Capture:
                 reasons.append("sample")
             if low[i]:
                 reasons.append("low_confidence")
-            trigger = "alert" if alert[i] else marks.pop(w.asset, None)
+            marked = marks.pop(w.asset, None)
+            trigger = "alert" if alert[i] else marked[0] if marked is not None else None
             if trigger is not None:
                 reasons.append(trigger)
                 self._flush_before(w.asset, trigger, out_records)
                 if cfg.after:
-                    after[w.asset] = (cfg.after, trigger)
+                    after[w.asset] = (cfg.after, trigger, until)
             elif w.asset in after:
-                left, why = after[w.asset]
-                reasons.append(f"after_{why}")
-                if left <= 1:
+                left, why, lapse = after[w.asset]
+                if lapse > now:
+                    reasons.append(f"after_{why}")
+                if left <= 1 or lapse <= now:
                     del after[w.asset]
                 else:
-                    after[w.asset] = (left - 1, why)
+                    after[w.asset] = (left - 1, why, lapse)
             if reasons:
                 out_records.append(self._record(w, ts, labels[i], top_list[i], bool(alert[i]),
                                              ",".join(reasons), keep=True))
@@ -192,10 +232,12 @@ class Capture:
             elif before:
                 self._hold(w, ts, labels[i], top_list[i])
         self._store.put_records(out_records)  # one hand-off per batch; drops counted there
-        if marks:  # assets not in this batch: at their next window
+        if marks:  # assets not in this batch: at their next window, until theirs lapse
             with self._marks_lock:
-                for asset, why in marks.items():
-                    self._marks.setdefault(asset, why)
+                for asset, mark in marks.items():
+                    self._marks.setdefault(asset, mark)
+                while len(self._marks) > _MAX_MARKS:
+                    self._marks.pop(next(iter(self._marks)))
 
     def _record(self, w: Window, ts: float, label: str | None, score: float, alert: bool,
                 reasons: str, *, keep: bool) -> Record:

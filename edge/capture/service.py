@@ -119,6 +119,7 @@ class CaptureService:
             return None
         if self.store is None:
             self.store = CaptureStore(self.path, queue_windows=self._queue_windows)
+        self.store.open()
         return Capture(config, self.store, gateway=self.gateway, pipeline=pipeline,
                        manifest=manifest, sha256=sha256, labels=labels, thresholds=thresholds)
 

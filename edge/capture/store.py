@@ -203,19 +203,40 @@ class CaptureStore:
 
     # -- any thread ---------------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Open the file (once; at the first pipeline built with ``capture``).
+
+        At build time, off the prediction path and before ``floorline run`` forks: an unusable
+        file is reported before the first window.
+        """
+        with self._lock:
+            if not self._opened:
+                self._opened = True
+                self._conn = self._open()
+
     def register(self, pipeline: str, bounds: Bounds) -> Bounds:
-        """Declare PIPELINE's bounds (at each build); opens the file at the first call."""
+        """Put PIPELINE's bounds in force (when its pipeline starts, ``Capture.activate``).
+
+        Not at build: a configuration refused after its pipelines were built (another one failed)
+        must leave the running pipeline's bounds, hence its stored windows, as they were.
+        """
+        self.open()
         with self._lock:
             old = self._bounds.get(pipeline)
             if old is not None:  # a new generation: same rows, new bounds
                 bounds.stored, bounds.stored_bytes = old.stored, old.stored_bytes
                 bounds.counters, bounds.reasons = old.counters, old.reasons
+            elif self._conn is not None and self._thread is None:
+                # Rows from an earlier run; with the writer running, its next recount does it.
+                try:
+                    bounds.stored, bounds.stored_bytes = self._conn.execute(
+                        "SELECT count(*), coalesce(sum(bytes), 0) FROM windows "
+                        "WHERE pipeline = ?", (pipeline,)).fetchone()
+                except sqlite3.Error:
+                    self._recounted = 0.0
+            else:
+                self._recounted = 0.0
             self._bounds[pipeline] = bounds
-            if not self._opened:
-                # Opened here, at build time, off the prediction path: an unusable file is
-                # reported before the first window (later ones are re-counted by each prune).
-                self._opened = True
-                self._conn = self._open()
         return bounds
 
     def _start(self) -> None:
@@ -437,6 +458,12 @@ class CaptureStore:
         conn.execute("INSERT INTO labels (asset, pipeline, t0, t1, label, received) "
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      (lab.asset, lab.pipeline, lab.t0, lab.t1, lab.label, time.time()))
+        # Windows labelled now (not already): ``reasons["label"]`` counts each window once.
+        newly = conn.execute(
+            "SELECT pipeline, count(*) FROM windows WHERE asset = ? AND t BETWEEN ? AND ? "
+            "AND (? IS NULL OR pipeline = ?) AND NOT instr(',' || reasons || ',', ',label,') "
+            "GROUP BY pipeline",
+            (lab.asset, lab.t0, lab.t1, lab.pipeline, lab.pipeline)).fetchall()
         cur = conn.execute(
             "UPDATE windows SET label = ?, keep = 1, "
             "reasons = CASE WHEN instr(',' || reasons || ',', ',label,') THEN reasons "
@@ -444,6 +471,11 @@ class CaptureStore:
             "WHERE asset = ? AND t BETWEEN ? AND ? AND (? IS NULL OR pipeline = ?)",
             (lab.label, lab.asset, lab.t0, lab.t1, lab.pipeline, lab.pipeline))
         conn.execute("COMMIT")
+        with self._lock:
+            for pipeline, n in newly:
+                b = self._bounds.get(pipeline)
+                if b is not None:
+                    b.reasons["label"] += n
         self.labels_applied += 1
         log.info("capture: label %r applied to %d stored windows of %s (%.0f to %.0f)",
                  lab.label, cur.rowcount, lab.asset, lab.t0, lab.t1)
@@ -462,6 +494,7 @@ class CaptureStore:
         for name, b in bounds:
             conn.execute("BEGIN")
             gone = []
+            evicted: Counter[str] = Counter()  # counted once committed
             if aged:  # both by the (pipeline, keep, ts) index
                 for keep in (0, 1):
                     gone += conn.execute(
@@ -471,10 +504,8 @@ class CaptureStore:
                 gone += conn.execute(
                     "DELETE FROM windows WHERE pipeline = ? AND keep = 0 AND ts < ? "
                     "RETURNING bytes", (name, now - b.keep_recent_s)).fetchall()
-                if old:
-                    b.counters["evicted_max_age"] += old
-                if len(gone) > old:
-                    b.counters["evicted_keep_recent"] += len(gone) - old
+                evicted["evicted_max_age"] += old
+                evicted["evicted_keep_recent"] += len(gone) - old
             stored, size = b.stored - len(gone), b.stored_bytes - sum(g[0] for g in gone)
             if recount:
                 stored, size = conn.execute(
@@ -490,10 +521,11 @@ class CaptureStore:
                     break
                 stored -= len(gone)
                 size -= sum(g[0] for g in gone)
-                b.counters["evicted_max_bytes"] += len(gone)
+                evicted["evicted_max_bytes"] += len(gone)
             conn.execute("COMMIT")
             with self._lock:
                 b.stored, b.stored_bytes = stored, size
+                b.counters.update(+evicted)  # only the bounds that removed any
 
     def _evict_oldest(self, conn: sqlite3.Connection) -> None:
         # The disk (or the page cap) is full: make room for the next batch, oldest out.

@@ -50,7 +50,12 @@ from floorline.edge.errors import (
     FloorlineError,
     SelfTestError,
 )
-from floorline.edge.mqtt.topics import shared_filter_error, shared_group
+from floorline.edge.mqtt.topics import (
+    matches,
+    shared_filter_error,
+    shared_group,
+    shared_subscription_filter,
+)
 from floorline.edge.outputs import MqttOutputConfig, OutputConfig
 from floorline.edge.resources import EXAMPLE_PREFIX, example_bundle
 from floorline.edge.service.metrics import MetricsConfig
@@ -692,6 +697,85 @@ PUSHABLE_SECTIONS = frozenset({"pipelines", "limits", "logging"})
 must never be able to cut a gateway off its broker or make it trust another key."""
 
 
+def _topic_collisions(config: Config) -> Iterator[str]:
+    """Why two of the gateway's own topics are one (or one is read as input), if they are.
+
+    The templates are checked as rendered for this gateway and its pipelines: a retained drift
+    document on the state topic would replace the gateway's state, alerts on the drift topic
+    would be replaced by the next measure, a label topic on an input topic would take the input
+    (its route comes first). Topics in use only: drift ones with a pipeline's drift on, the
+    label topic with a ``capture`` block.
+    """
+    t, gw = config.topics, config.gateway.id
+    defaults = TopicsConfig()
+    drifting = [p for p in config.pipelines if p.drift.enabled]
+    capturing = any(p.capture is not None for p in config.pipelines)
+    for key, value in t.model_dump().items():
+        if value.startswith("$"):
+            yield (f"topics.{key}: {value!r} starts with '$', which is the broker's ($SYS, "
+                    f"$share): choose another, e.g. the default {getattr(defaults, key)!r}")
+    if "{pipeline}" not in t.drift and len(drifting) > 1:
+        yield (f"topics.drift: {t.drift!r} has no {{pipeline}}, and pipelines "
+                f"{', '.join(p.name for p in drifting)} detect drift: their retained measures "
+                "would replace each other on one topic; add {pipeline}")
+    # key -> {topic: the pipeline it is rendered for, or None}
+    own: dict[str, dict[str, str | None]] = {
+        "state": {t.state.format(gateway=gw): None},
+        "stats": {t.stats.format(gateway=gw): None},
+        "dead_letter": {t.dead_letter.format(gateway=gw, pipeline=name): name
+                        for name in ["_unrouted", *(p.name for p in config.pipelines)]},
+        "drift": {t.drift.format(gateway=gw, pipeline=p.name): p.name for p in drifting},
+        "alerts": {t.alerts.format(gateway=gw, pipeline=p.name): p.name for p in drifting},
+    }
+    if capturing:
+        own["capture_label"] = {t.capture_label.format(gateway=gw): None}
+    fleet = {f"floorline/{gw}/desired": "the fleet's desired-state topic",
+             f"floorline/{gw}/reported": "the fleet's reported-state topic",
+             "floorline/groups/+/desired": "the fleet's group desired-state topics",
+             "floorline/selectors/+/desired": "the fleet's selector desired-state topics",
+             "floorline/bundles/+": "the fleet's bundle topics"}
+
+    def said(key: str, topic: str) -> str:
+        pipeline = own[key][topic]
+        return f"topics.{key} ({topic}" + (f", pipeline {pipeline})" if pipeline else ")")
+
+    def change(key: str) -> str:
+        return f"give topics.{key} its own topic, e.g. the default {getattr(defaults, key)!r}"
+
+    keys = list(own)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            for topic in own[a].keys() & own[b].keys():
+                yield (f"topics.{a} and topics.{b} are the same topic: {said(a, topic)} and "
+                        f"{said(b, topic)}; {change(b)}")
+    for key, topics in own.items():
+        for topic in topics:
+            for fleet_filter, what in fleet.items():
+                if matches(fleet_filter, topic):
+                    yield f"{said(key, topic)} is {what}; {change(key)}"
+    for p in config.pipelines:
+        template = (p.output.topic if isinstance(p.output, MqttOutputConfig) else None) or (
+            t.predictions)
+        # Any asset name may come in: '+' stands for it.
+        predictions = template.format(gateway=gw, pipeline=p.name, asset="+")
+        for key, topics in own.items():
+            for topic in topics:
+                if matches(predictions, topic):
+                    yield (f"pipeline {p.name}: its predictions' topic {template!r} can be "
+                            f"{said(key, topic)} (an asset of that name); {change(key)}")
+        for topic_filter in p.subscribe:
+            plain = shared_subscription_filter(topic_filter)
+            for key, topics in own.items():
+                for topic in topics:
+                    if matches(plain, topic):
+                        taken = ("the label commands would be read as its input, or its input "
+                                 "as label commands" if key == "capture_label"
+                                 else "the gateway would read its own messages as input")
+                        yield (f"pipeline {p.name}: subscribe {topic_filter!r} covers "
+                                f"{said(key, topic)}: {taken}; {change(key)}, or narrow the "
+                                "subscription")
+
+
 class Config(_Strict):
     """A gateway configuration file."""
 
@@ -732,6 +816,8 @@ class Config(_Strict):
         if self.broker.protocol != "5" and "max_packet_bytes" in self.limits.model_fields_set:
             raise ValueError("limits.max_packet_bytes: MQTT 5 only; with broker.protocol "
                              "3.1.1 it would be ignored")
+        if (why := next(_topic_collisions(self), None)) is not None:
+            raise ValueError(why)
         return self
 
     def with_desired(self, desired: dict[str, Any], origin: str = "desired state") -> Config:

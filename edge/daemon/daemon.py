@@ -202,14 +202,20 @@ class Daemon:
         pipeline.capture = self.capture.policy(  # None without `capture:`
             pc.capture, pipeline=pc.name, manifest=model.bundle.manifest,
             sha256=model.artifact.sha256, labels=pc.labels, thresholds=pc.thresholds)
-        label_topic = config.topics.capture_label.format(gateway=self.gateway)
-        if pipeline.capture is not None and label_topic not in self._extra_subscriptions:
-            # The label command, from the first configuration with capture on (start, reload or
-            # push: `apply` subscribes the extra topics with the new generation's). A topic
-            # changed by a reload is added; the previous one stays routed until a restart.
+        return pipeline
+
+    def _route_labels(self, gen: Generation) -> None:
+        """Route the label command of GEN, a generation that runs, if a pipeline captures.
+
+        Only for a generation that runs (``load``; ``apply`` after the switch, before it
+        subscribes): a refused configuration changes no route. A topic changed by a reload is
+        added; the previous one stays routed until a restart (docs/monitoring.md).
+        """
+        label_topic = gen.config.topics.capture_label.format(gateway=self.gateway)
+        captures = any(getattr(p, "capture", None) is not None for p in gen.pipelines)
+        if captures and label_topic not in self._extra_subscriptions:
             self.capture.topic = label_topic
             self.add_route(label_topic, self.capture.on_label)
-        return pipeline
 
     def load(self, config: Config | None = None) -> None:
         """Open the state directory, then verify and build the pipelines (no network yet)."""
@@ -217,6 +223,7 @@ class Daemon:
             self._open_state()
         self.router.generation = self.build(config or self.config)
         self.config = self.router.generation.config
+        self._route_labels(self.router.generation)
         self._seed_seqs(self.router.generation)
 
     def start(self) -> None:
@@ -347,15 +354,32 @@ class Daemon:
                 self.router.generation = new
                 self.config = new.config
                 new.start()
+                self._route_labels(new)
                 if self.transport is not None:
                     self.transport.set_subscriptions(list(self._subscriptions(new).items()))
             if old is not None:
+                self._clear_drift_topics(old, new)
                 old.close()
             if self.transport is not None and self.transport.connected.is_set():
                 self._send_state()
             log.info("configuration applied; %d held messages passed on; windows carried: %s",
                      len(held), ", ".join(carried) or "none")
             return ApplyResult(ok=True, carried_over=tuple(carried))
+
+    def _clear_drift_topics(self, old: Generation, new: Generation) -> None:
+        """Clear the retained drift measures OLD published where NEW will not (an empty message).
+
+        A pipeline removed, its drift turned off or ``topics.drift`` changed: the last measures
+        would stay on the broker, read by dashboards as current. Pipelines in worker processes
+        publish per worker (``/{worker}``) and are not cleared (docs/monitoring.md).
+        """
+        def topics(gen: Generation) -> set[str]:
+            return {str(drift.stats_topic) for p in gen.pipelines
+                    if (drift := getattr(p, "drift", None)) is not None and p.config.workers == 1}
+
+        gone = topics(old) - topics(new)
+        if gone:
+            self.send([Outbound(topic, b"", 1, True) for topic in sorted(gone)])
 
     def _seed_seqs(self, gen: Generation) -> None:
         """Start GEN's window counters where the outbox says this gateway's predictions are."""

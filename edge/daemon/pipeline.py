@@ -339,7 +339,9 @@ class Pipeline:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the worker thread (and put the capture bounds in force: a running pipeline's)."""
+        if self._capture is not None:
+            self._capture.activate()
         self._thread.start()
 
     def stop(self, *, drain_all: bool = False) -> None:
@@ -694,6 +696,9 @@ class Pipeline:
         if self.drift is not None:
             self.drift.on_drift = (partial(capture.mark, "drift")
                                    if capture is not None and capture.config.drift else None)
+            if capture is not None:
+                # A drift mark is about the last window_s; an asset back after longer is not.
+                capture.expire_s = self.drift.config.window_s
 
     def stats(self) -> dict[str, object]:
         """Counters for state reports and tests."""

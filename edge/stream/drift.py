@@ -549,7 +549,11 @@ class DriftMonitor:
                 try:
                     self.on_drift(asset)
                 except Exception:  # the alert and the stats message go out all the same
-                    log.exception("pipeline %s: the drift hook failed", self._pipeline)
+                    self.errors += 1
+                    if now >= self._error_log_at:  # per_asset: one alert per asset, rate-limited
+                        log.exception("pipeline %s: the drift hook failed (%d errors); the alert "
+                                      "goes out", self._pipeline, self.errors)
+                        self._error_log_at = now + _LOG_EVERY_S
             top = last.get("top", [{}])[0]
             log.warning(
                 "pipeline %s: input drift on %s: %s %.3g >= level %.3g (%s %s, %d windows in "
