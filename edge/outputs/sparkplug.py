@@ -17,12 +17,13 @@ DDEATH, rebirth, primary host awareness and store and forward. docs/sparkplug.md
 from __future__ import annotations
 
 import importlib
+import math
 import re
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
@@ -119,6 +120,11 @@ def _head(fields: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
+def _finite_or_null(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as typed nulls, as the JSON message writes them (``null``)."""
+    return {k: None if type(v) is float and not math.isfinite(v) else v for k, v in values.items()}
+
+
 class SparkplugOutput:
     """One pipeline's predictions into its edge node's session (``daemon.sparkplug_node``)."""
 
@@ -153,13 +159,8 @@ class SparkplugOutput:
 
     def _example(self, context: OutputContext) -> dict[str, Any]:
         """Every metric name with a value of its type: one prediction from zeros."""
-        spec = context.manifest.input
         width = sum(HeadLayout(context.manifest).widths)
-        window = Window(asset="_", values=np.zeros((spec.window, len(spec.features)), np.float32),
-                        start=None, end=None, received=0.0, index=0)
-        payload = self._encoder.encode_batch([window], np.zeros((1, width), np.float32),
-                                             inference_ms=0.0, now=0.0)[0]
-        values = flatten(orjson.loads(payload))
+        values = _finite_or_null(flatten(self._encoder.outputs([0.0] * width)))
         # A value that is null in the example has no type to show: a score is a Double.
         values = {k: 0.0 if v is None else v for k, v in values.items()}
         return {**values, "Window/Seq": 0}
@@ -183,14 +184,17 @@ class SparkplugOutput:
         now: float,
     ) -> list[Outbound]:
         """Commit the batch's predictions to the edge node's outbox; nothing for the gateway's."""
+        del inference_ms, now  # the output protocol's; no Sparkplug metric carries them
         batch = list(windows)
-        payloads = self._encoder.encode_batch(batch, outputs, inference_ms=inference_ms, now=now)
+        rows = outputs.reshape(len(batch), -1).tolist()
+        wall = time.time()
         records = []
-        for window, payload in zip(batch, payloads, strict=True):
-            message = orjson.loads(payload)
-            values = flatten(message)
+        for window, row in zip(batch, rows, strict=True):
+            # The head fields the JSON message would carry, straight from the row: no JSON made
+            # and read back per prediction.
+            values = _finite_or_null(flatten(self._encoder.outputs(row)))
             values["Window/Seq"] = window.index
-            stamp = window.end if window.end is not None else message["ts"]
+            stamp = window.end if window.end is not None else wall
             records.append((self.device(window.asset), round(stamp * 1000), values))
         self.node.submit(records)
         return []

@@ -142,8 +142,8 @@ class PredictionEncoder:
             self._topics[asset] = topic
         return topic
 
-    def _outputs(self, values: list[float]) -> dict[str, Any]:
-        """The task-specific part of a prediction, from one row of values."""
+    def outputs(self, values: list[float]) -> dict[str, Any]:
+        """The task-specific part of a prediction, from one row of values (as Python floats)."""
         if len(self._heads) == 1:
             return self._heads[0][1].fields(values)
         return {
@@ -198,7 +198,7 @@ class PredictionEncoder:
             },
             "batch": batch_size,
             "ts": wall,
-            **self._outputs(values),
+            **self.outputs(values),
         }
         if self._drift is not None and self._drift(window.asset):
             message["drift"] = True
