@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.benchmark [--quick | --tiny] [--json bench-results.json]
                                         [--no-train] [--profile DIR] [--keep]
+                                        [--only overload]
 
 Starts its own mosquitto (``tests/mqtt_broker.Mosquitto``: 127.0.0.1, a free port, never the
 system broker) and measures, on the committed example bundle ``edge/models/pdm-classifier``:
@@ -18,8 +19,10 @@ system broker) and measures, on the committed example bundle ``edge/models/pdm-c
    stock paho and mosquitto_sub; then, on MQTT 5, the overload curve (0.9-1.5 x that rate);
 3. the same for one-window-per-message block streams (binary float32 and JSON blocks), searched
    up to the larger QoS 1 echo ceiling, the goal's being stock paho's; then two daemons sharing
-   one binary block stream through an MQTT 5 shared subscription, and the hook for a
-   multi-worker run (``workers: N``: "not implemented" until the daemon takes it);
+   one binary block stream through an MQTT 5 shared subscription, and the multi-worker run:
+   a daemon with ``workers: 1`` and one with ``workers: 2`` on binary blocks, each searched over
+   the same range, with the CPU of the reader and of each worker (``tests/bench_workers.py``
+   runs this section alone, repeated);
 4. publish-to-prediction latency at half the sustained per-sample rate, split into publish →
    daemon receipt, the daemon's own ``end_to_end``, and encoded → collector;
 5. the daemon's memory (PSS over its process tree, and RSS), and its time from process start to
@@ -936,8 +939,17 @@ def proc_rss_mb(pid: int, key: str = "VmRSS") -> float:
     return 0.0  # a zombie has no VmRSS line
 
 
+MACHINE = "machine (all processes)"
+"""The ``cpu_split`` entry for the whole machine (/proc/stat): what is left of the cores."""
+
+
 def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds PID has used so far (all its threads)."""
+    """User + system CPU seconds PID has used so far (all its threads); PID 0: the machine's."""
+    if pid == 0:
+        busy = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        # user nice system idle iowait irq softirq steal: all but idle and iowait
+        ticks = sum(int(x) for i, x in enumerate(busy[:8]) if i not in (3, 4))
+        return ticks / os.sysconf("SC_CLK_TCK")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -1361,12 +1373,17 @@ class Bench:
         pids: dict[str, int] = {}
         if target is not None:
             for i, t in enumerate([target, *target.companions]):
-                pids[f"daemon {chr(ord('a') + i)}" if target.companions else "daemon"] = t.pid
+                name = f"daemon {chr(ord('a') + i)}" if target.companions else "daemon"
+                pids[name] = t.pid
+                # Worker processes (``workers: N``), counted as the daemon's in ``cpu_cores``.
+                for n, child in enumerate(tree_pids(t.pid)[1:], 1):
+                    pids[f"{name} worker {n}"] = child
         if self.broker_pid is not None:
             pids["broker"] = self.broker_pid
         for protocol, worker in self._publishers.items():
             if worker.process.pid is not None:
                 pids[f"load generator (MQTT {protocol})"] = worker.process.pid
+        pids[MACHINE] = 0  # every process on the machine: the others' share of the cores
         return pids
 
     def close(self) -> None:
@@ -1913,6 +1930,39 @@ def overload_curve(
             "shed_reported": any(p["shed"] is not None for p in points)}
 
 
+def measure_overload_only(bench: Bench, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--only overload``: the per-sample daemon on ``OVERLOAD_PROTOCOL`` and its overload curve.
+
+    Only what the curve stands on: the two bare subscribers' ceilings (the search's bound), then
+    ``measure_daemon_sample`` (search, latency step, curve) as in a full run.
+    """
+    p = OVERLOAD_PROTOCOL
+    c: dict[str, Any] = {key: {} for key in BARE_KEYS.values()}
+    for reader in READERS:
+        found = c[BARE_KEYS[reader]][p] = measure_bare(bench, p, reader=reader)
+        log(f"  bare subscriber, {READER_LABELS[reader]}, MQTT {p}: {found['rate']:,.0f}/s")
+    bound = search_bound(c, p, "sample")
+    log(f"daemon, per-sample JSON, MQTT {p} (searched up to {bound:,.0f}/s)")
+    return {"ceilings": c, "daemon_sample": {p: measure_daemon_sample(bench, p, bound, log)}}
+
+
+def overload_text(over: dict[str, Any] | None) -> str:
+    """The overload curve alone (``--only overload``): per point, windows predicted and shed."""
+    if not over:
+        return "overload curve: not measured"
+    lines = [f"overload curve, per-sample MQTT {OVERLOAD_PROTOCOL}, around "
+             f"{over['base_rate']:,.0f} msg/s "
+             + ("(sustained)" if over["base_is_sustained"] else "(warm-up rate, none found)")]
+    for x in over["points"]:
+        shed = (f"{x['shed'] / x['received']:6.1%}" if x["shed"] is not None and x["received"]
+                else "   n/a")
+        lag = x["latency_ms"].get("p99")
+        lines.append(f"  {x['factor']:.2f} x {x['offered_rate']:9,.0f}/s: windows predicted "
+                     f"{x['windows_predicted']:6.1%}, shed {shed} of received, dropped "
+                     f"{x['dropped']}, p99 " + ("n/a" if lag is None else f"{lag:,.0f} ms"))
+    return "\n".join(lines)
+
+
 def measure_daemon_blocks(
     bench: Bench, protocol: Protocol, bounds: dict[Kind, float], log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -2032,32 +2082,90 @@ def workers_supported() -> str | None:
     return None
 
 
-def measure_workers(
-    bench: Bench, single: float, bound: float, log: Callable[[str], None]
-) -> dict[str, Any]:
-    """The hook for the multi-worker run: binary blocks with ``workers: 2`` against one worker.
+WORKER_COUNTS = (1, 2)
+"""The multi-worker run's daemons: ``workers: 1`` (the single-process daemon) against 2."""
 
-    Until the daemon takes ``workers: N`` this reports "not implemented" and no figure.
+
+def measure_workers(
+    bench: Bench, single: float, bound: float, log: Callable[[str], None], rounds: int = 1
+) -> dict[str, Any]:
+    """Binary blocks on a daemon with ``workers: 1`` and one with ``workers: 2``, same section.
+
+    Each daemon runs only the binary block pipeline (MQTT 5), searched over the same range: up
+    to the larger of BOUND (the QoS 1 echo ceiling) and 2.5 x SINGLE (the block daemon's rate
+    earlier in the run). ROUNDS > 1 repeats the pair, alternating, for the spread on a shared
+    machine. The ratio is the best two-worker rate over the best one-worker rate of the section.
+    Per daemon: the best step's CPU split (the reader, each worker, the broker, the load
+    generator, the machine as a whole) and its CPU per message; PSS over the process tree.
     """
     why = workers_supported()
     if why is not None:
         log(f"  {why}")
         return {"implemented": False, "skipped": why}
-    target, _ = start_daemon(bench.work, bench.port, "5", ["binary"], bench.collector,
-                             stats=bench.stats, extra="    workers: 2\n")
-    target.pipeline = PIPELINE_NAMES["binary"]
-    try:
-        _warm_up(bench, target, "binary", min(500.0, bound / 4))
-        search = bench.search(target, "binary", 0.0, max(bound, 2.5 * single),
-                              steps=bench.budget.block_steps, step_s=bench.budget.block_step_s,
-                              log=log)
-        best = _best_step(search)
-        memory = tree_memory_mb(target.pid)
-    finally:
-        target.stop()
-    return {"implemented": True, "workers": 2, "search": asdict(search),
-            "sustained": search.sustained, "ratio_to_one_worker": _ratio(search.sustained, single),
-            "cpu_split": best.cpu_split if best else None, "memory_mb": memory}
+    hi = max(bound, 2.5 * single)
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in WORKER_COUNTS}
+    for r in range(rounds):
+        for n in WORKER_COUNTS:
+            target, _ = start_daemon(bench.work, bench.port, "5", ["binary"], bench.collector,
+                                     stats=bench.stats, extra=f"    workers: {n}\n")
+            target.pipeline = PIPELINE_NAMES["binary"]
+            log(f"  workers: {n} (round {r + 1} of {rounds}, searched up to {hi:,.0f}/s)")
+            try:
+                _warm_up(bench, target, "binary", min(500.0, hi / 8))
+                search = bench.search(target, "binary", 0.0, hi, steps=bench.budget.block_steps,
+                                      step_s=bench.budget.block_step_s, log=log)
+                best = _best_step(search)
+                memory = tree_memory_mb(target.pid)
+            finally:
+                target.stop()
+            runs[n].append({"sustained": search.sustained, "search": asdict(search),
+                            "best_step": _cpu_report(best), "memory_mb": memory})
+    one = max(x["sustained"] for x in runs[1])
+    two = max(x["sustained"] for x in runs[2])
+    best_two = max(runs[2], key=lambda x: x["sustained"])
+    return {"implemented": True, "workers": 2, "rounds": rounds,
+            "one_worker": {"sustained": one, "runs": [x["sustained"] for x in runs[1]]},
+            "runs": [x["sustained"] for x in runs[2]],
+            "sustained": two, "search": best_two["search"],
+            "ratio_to_one_worker": _ratio(two, one),
+            "ratios_by_round": [_ratio(b["sustained"], a["sustained"])
+                                for a, b in zip(runs[1], runs[2], strict=True)],
+            "ratio_to_block_daemon": _ratio(two, single),
+            "cpu_split": best_two["best_step"]["cpu_split"] if best_two["best_step"] else None,
+            "memory_mb": best_two["memory_mb"],
+            "by_workers": {str(n): runs[n] for n in WORKER_COUNTS}}
+
+
+def _cpu_report(step: Step | None) -> dict[str, Any] | None:
+    """STEP's rate, verdict, CPU split and CPU per message of each daemon process (µs)."""
+    if step is None:
+        return None
+    rate = max(step.offered_rate, 1e-9)
+    return {"offered_rate": step.offered_rate, "passed": step.passed, "reason": step.reason,
+            "cpu_split": step.cpu_split,
+            "us_per_msg": {k: round(1e6 * v / rate, 1) for k, v in step.cpu_split.items()
+                           if k.startswith("daemon")}}
+
+
+def workers_text(w: dict[str, Any]) -> str:
+    """The multi-worker run as text: each daemon's rates, and the best steps' CPU."""
+    if not w.get("implemented"):
+        return f"multi-worker run: {w.get('skipped')}"
+    head = (f"two workers / one worker, binary blocks: {w['ratio_to_one_worker']} "
+            f"(best {w['sustained']:,.0f}/s against {w['one_worker']['sustained']:,.0f}/s; "
+            f"by round {w['ratios_by_round']})")
+    lines = [head]
+    for n, runs in w["by_workers"].items():
+        for i, x in enumerate(runs, 1):
+            b = x["best_step"] or {}
+            split = ", ".join(f"{k} {v:.2f}" for k, v in (b.get("cpu_split") or {}).items())
+            per = ", ".join(f"{k} {v:.0f}" for k, v in (b.get("us_per_msg") or {}).items())
+            lines.append(f"  workers: {n} round {i}: sustained {x['sustained']:,.0f}/s; best "
+                         f"step {b.get('offered_rate', 0):,.0f}/s {b.get('reason', '')}")
+            lines.append(f"    CPU, cores: {split}")
+            lines.append(f"    CPU per message, µs: {per}; PSS {x['memory_mb']['pss']} MiB "
+                         f"over {x['memory_mb']['processes']} processes")
+    return "\n".join(lines)
 
 
 def measure_naive(bench: Bench, ceiling: float, log: Callable[[str], None]) -> dict[str, Any]:
@@ -2620,6 +2728,13 @@ def table(r: dict[str, Any]) -> str:
     if w.get("implemented"):
         row("two workers, binary blocks", w["sustained"], "msg/s", "one worker",
             w["ratio_to_one_worker"])
+        if "one_worker" in w:
+            row("  one worker, same section", w["one_worker"]["sustained"], "msg/s")
+            best = (max(w["by_workers"]["2"], key=lambda x: x["sustained"])["best_step"]
+                    or {})
+            if best.get("cpu_split"):
+                row("  CPU, cores (best step)", None, "",
+                    ", ".join(f"{k} {v:.2f}" for k, v in best["cpu_split"].items()))
     else:
         row("two workers, binary blocks", None, "", "not implemented")
     over = r["daemon_sample"][OVERLOAD_PROTOCOL]["overload"]
@@ -2744,11 +2859,11 @@ def _say(text: str) -> None:
 
 
 def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
-        say: Callable[[str], None] = _say) -> dict[str, Any]:
+        say: Callable[[str], None] = _say, only: str | None = None) -> dict[str, Any]:
     """Every measurement, in one run on one broker; returns the results document.
 
     Without TRAIN and without the Keras model, the naive way is skipped (and says why); every
-    other section runs.
+    other section runs. ONLY (a name in ``ONLY_SECTIONS``): that section alone, and what it needs.
     """
     started = time.monotonic()
 
@@ -2765,6 +2880,11 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
         "daemon stats topic (received, dropped) + predictions" if bench.stats
         else "predictions only: this daemon has no metrics.stats_interval_s yet")
     try:
+        if only == "overload":
+            log("overload curve only: its ceilings, the per-sample daemon, the curve")
+            results |= measure_overload_only(bench, log)
+            results["elapsed_s"] = round(time.monotonic() - started, 1)
+            return results
         log("ceilings")
         backend = measure_backend(budget.backend_s)
         log(f"  LiteRT: {backend}")
@@ -2871,6 +2991,13 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
     return results
 
 
+ONLY_SECTIONS: dict[str, str] = {
+    "overload": "the bare subscribers on MQTT 5, the per-sample daemon's search, latency step "
+    "and overload curve",
+}
+"""What ``--only`` can run alone, and what that includes."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     parser = argparse.ArgumentParser(prog="python -m tests.benchmark", description=__doc__,
@@ -2887,6 +3014,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy the daemon at its sustained rates into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--only", choices=ONLY_SECTIONS, metavar="SECTION",
+                        help="run one section alone, with what it needs: "
+                        + ", ".join(f"{k} ({v})" for k, v in ONLY_SECTIONS.items()))
     if argv is None:
         argv = sys.argv[1:]
     args = parser.parse_args(argv)
@@ -2894,13 +3024,21 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="floorline-bench-"))
     command = "python -m tests.benchmark " + " ".join(argv)
     try:
-        results = run(budget, work, profile=args.profile, train=not args.no_train)
+        results = run(budget, work, profile=args.profile, train=not args.no_train,
+                      only=args.only)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work directory kept: {work}")
     results["command"] = command.strip()
+    if args.only == "overload":
+        print()
+        print(overload_text(results["daemon_sample"][OVERLOAD_PROTOCOL]["overload"]))
+        print(f"\nelapsed {results['elapsed_s']} s")
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+        return 0
     print()
     print(table(results))
     if "profile" in results:

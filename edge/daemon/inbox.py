@@ -36,11 +36,16 @@ class Inbox(Generic[T]):
         self._weigh = weigh
         self._added = 0  # weight put, by producers (paho's thread) only
         self._taken = 0  # weight got, by the consumer only
+        self._got = 0  # items got, by the consumer only
         self._ready = threading.Event()
 
     def weight(self) -> int:
         """Weight held now (0 without WEIGH)."""
         return self._added - self._taken
+
+    def got(self) -> int:
+        """Items the consumer has taken in all (the rate it drains at, for overload control)."""
+        return self._got
 
     def _admit(self, items: list[T]) -> int:
         """How many of ITEMS, from the first, fit under both bounds; counts their weight in."""
@@ -105,6 +110,7 @@ class Inbox(Generic[T]):
                 return []
         popleft = items.popleft
         got = [popleft() for _ in range(min(limit, len(items)))]
+        self._got += len(got)
         self._took(got)
         return got
 
