@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -474,18 +475,22 @@ def test_the_daemon_publishes_drift_flags_predictions_and_alerts_once(
     assert "pipeline vibration: drift detection off: bundle pdm-classifier" in caplog.text
 
 
-def test_worker_processes_each_judge_their_assets(
+def test_worker_processes_feed_one_monitor_in_the_reader(
     mosquitto: Mosquitto, unique_topic: str, sk_bundle: Path,
 ) -> None:
+    """workers: 2: one alert, stats on the pipeline's topic, metrics, flags in both workers."""
     from tests import sklearn_zoo  # noqa: PLC0415
 
+    pytest.importorskip("prometheus_client")
     pipeline = SK_PIPELINE.format(prefix=unique_topic, bundle=sk_bundle) + "    workers: 2\n"
-    rows = sklearn_zoo.features(2400, 31)[0]
-    rows[:, 4] += 15.0
-    with MqttProbe().connect("127.0.0.1", mosquitto.port) as probe, \
-            running(config_text(mosquitto, pipeline)):
-        probe.subscribe("floorline/gw-test/#", qos=1)
-        assets = [f"pump-{i}" for i in range(8)]  # crc32 spreads them over both workers
+    assets = [f"pump-{i}" for i in range(8)]
+    owners = {a: zlib.crc32(a.encode()) % 2 for a in assets}
+    assert set(owners.values()) == {0, 1}  # the assets are spread over both workers
+    normal = sklearn_zoo.features(1200, 31)[0]
+    shifted = sklearn_zoo.features(2400, 32)[0]
+    shifted[:, 4] += 15.0
+
+    def send(probe: MqttProbe, rows: np.ndarray) -> None:
         for i, row in enumerate(rows):
             probe.publish(f"{unique_topic}/{assets[i % 8]}/features",
                           orjson.dumps(dict(zip(SK_FEATURES, map(float, row), strict=True))),
@@ -493,17 +498,125 @@ def test_worker_processes_each_judge_their_assets(
             if i % 100 == 99:
                 time.sleep(0.1)
 
-        def both_alerted() -> bool:
-            return len({m.topic for m in probe.messages if "/alerts/" in m.topic}) >= 1 and len(
-                {m.topic for m in probe.messages if "/drift/health/" in m.topic}) == 2
+    def drift_docs(probe: MqttProbe) -> list[dict[str, Any]]:
+        return [orjson.loads(m.payload) for m in list(probe.messages)
+                if m.topic == "floorline/gw-test/drift/health"]
 
-        wait_until(both_alerted, 20, "drift stats from both workers")
+    with MqttProbe().connect("127.0.0.1", mosquitto.port) as probe, \
+            running(config_text(mosquitto, pipeline)) as daemon:
+        probe.subscribe("floorline/gw-test/#", qos=1)
+        send(probe, normal)  # steady: judged, no alert, no flag
+        wait_until(lambda: any(d["windows"] >= 200 for d in drift_docs(probe)), 15,
+                   "drift stats judged on the steady stream")
+        steady = list(probe.messages)
+        steady_stats = daemon.stats()["pipelines"]["health"]["drift"]
+        send(probe, shifted)
+
+        def flagged_by_both() -> bool:
+            preds = [m for m in list(probe.messages) if "/pred/health/" in m.topic]
+            return {owners[m.topic.split("/")[-1]] for m in preds
+                    if orjson.loads(m.payload).get("drift")} == {0, 1}
+
+        wait_until(flagged_by_both, 20, "drift flags on both workers' assets")
+        mark = len(probe.messages)
+        send(probe, shifted[:400])  # still drifting: flagged, no second alert
+
+        def later_predictions() -> bool:  # of every asset, after the alert went out
+            later = [m.topic for m in list(probe.messages)[mark:] if "/pred/health/" in m.topic]
+            return all(later.count(f"floorline/gw-test/pred/health/{a}") >= 20 for a in assets)
+
+        wait_until(later_predictions, 15, "predictions of the still drifting stream")
+        stats = daemon.stats()["pipelines"]["health"]
+        names = {s.name for fam in daemon.metrics.collect() for s in fam.samples}
         messages = list(probe.messages)
-    shares = {m.topic: orjson.loads(m.payload) for m in messages if "/drift/health/" in m.topic}
-    assert set(shares) == {"floorline/gw-test/drift/health/0", "floorline/gw-test/drift/health/1"}
-    assert {d["worker"] for d in shares.values()} == {0, 1}
-    preds = [orjson.loads(m.payload) for m in messages if "/pred/health/" in m.topic]
-    assert any(p.get("drift") for p in preds)
+
+    # The steady stream: judged, never drifting, no alert, no flag.
+    steady_docs = [orjson.loads(m.payload) for m in steady
+                   if m.topic == "floorline/gw-test/drift/health"]
+    assert all(d["drifting"] is False for d in steady_docs)
+    assert steady_stats["drifting"] is False
+    assert not [m for m in steady if "/alerts/" in m.topic]
+    assert not [m for m in steady if "/pred/health/" in m.topic
+                and orjson.loads(m.payload).get("drift")]
+    # The drifting stream: one alert for the pipeline, on its topic.
+    alerts = [(m.topic, orjson.loads(m.payload)) for m in messages if "/alerts/" in m.topic]
+    assert [(t, a["state"], a["asset"]) for t, a in alerts] == [
+        ("floorline/gw-test/alerts/health", "drift", None)]
+    assert "worker" not in alerts[0][1]
+    assert alerts[0][1]["top"][0]["feature"] == "temperature_c"
+    assert not [m for m in messages if m.topic.startswith("floorline/gw-test/drift/health/")]
+    docs = [orjson.loads(m.payload) for m in messages
+            if m.topic == "floorline/gw-test/drift/health"]
+    assert docs[-1]["drifting"] is True
+    assert "worker" not in docs[-1]
+    assert stats["drift"]["drifting"] is True
+    assert stats["drift"]["alerts"] == 1
+    assert {"floorline_drift_score", "floorline_drift_active",
+            "floorline_drift_alerts_total"} <= names
+    # Once an asset's predictions are flagged they stay flagged while the input drifts.
+    per_asset: dict[str, list[bool]] = {}
+    for m in messages:
+        if "/pred/health/" in m.topic:
+            per_asset.setdefault(m.topic.split("/")[-1], []).append(
+                bool(orjson.loads(m.payload).get("drift")))
+    for asset, flags in per_asset.items():
+        assert True in flags, asset
+        assert all(flags[flags.index(True):]), asset
+
+
+@pytest.mark.parametrize("lag", [1, 3], ids=["in-step", "worker-0-lags"])
+def test_worker_counts_merged_in_the_reader_judge_as_one_monitor(referenced: Manifest,
+                                                                   lag: int) -> None:
+    """Two counting monitors (workers) and one merging (reader) = one monitor on everything.
+
+    LAG: worker 0 reports every LAG batches, after worker 1: its counts of a bucket then come
+    after worker 1's of the next one, and still land in their own bucket.
+    """
+    rng = np.random.default_rng(5)
+    x = np.concatenate([_windows(rng, 1200), _windows(rng, 2400, shift=0.5)])
+    names = [f"m{i}" for i in range(6)]
+    single = _monitor(referenced, per_asset=True)
+    single_out, _, _ = _feed(single, x, 0.0, assets=names, per_batch=60, dt=0.1)
+    reader = _monitor(referenced, per_asset=True)
+    workers = [_monitor(referenced, per_asset=True) for _ in range(2)]
+    for w in workers:
+        w.as_worker()
+    merged: list[Outbound] = []
+    t = 0.0
+    for step, start in enumerate(range(0, len(x), 60)):
+        part = x[start : start + 60]
+        wins = [Window(names[(start + i) % 6], part[i], None, None, t, start + i)
+                for i in range(len(part))]
+        for k, w in enumerate(workers):
+            idx = [i for i, win in enumerate(wins) if zlib.crc32(win.asset.encode()) % 2 == k]
+            assert w.observe([wins[i] for i in idx], part[idx], None, t) == []
+        # Worker 1 reports before worker 0: counts of a bucket may arrive after a later one's.
+        for k in (1, 0):
+            if k == 1 or step % lag == lag - 1 or start + 60 >= len(x):
+                merged += reader.merge(workers[k].take_counts(), t)
+        for w in workers:
+            w.set_verdict(reader.verdict())
+        t += 0.1
+    # Every window counted once, in its own bucket, whatever order the reports came in.
+    assert reader.whole.ring.current == single.whole.ring.current
+    assert np.array_equal(reader.whole.ring.counts, single.whole.ring.counts)
+    assert set(reader.assets) == set(single.assets)
+    for a, scope in single.assets.items():
+        assert np.array_equal(reader.assets[a].ring.windows, scope.ring.windows)
+    assert {a["asset"] for a in _alerts(merged)} == {a["asset"] for a in _alerts(single_out)}
+    if lag == 1:  # the same evaluations, on the same counts
+        assert [m.topic for m in merged] == [m.topic for m in single_out]
+        alerts = [{k: v for k, v in a.items() if k != "ts"} for a in _alerts(merged)]
+        assert alerts
+        assert alerts == [{k: v for k, v in a.items() if k != "ts"}
+                          for a in _alerts(single_out)]
+        assert reader.document["assets"] == single.document["assets"]
+        assert reader.document["windows"] == single.document["windows"]
+    assets = reader.verdict()[1]
+    assert assets
+    assert assets == {a for a in names if single.flagged(a)}
+    assert all(w.flagged(a) == (a in assets) for w in workers for a in names)
+    assert workers[0].take_counts() == {}  # nothing counted since the last report
 
 
 # -- drift and data capture ------------------------------------------------------------------

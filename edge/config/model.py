@@ -257,7 +257,7 @@ class TopicsConfig(_Strict):
     drift: Annotated[str, _template("gateway", "pipeline")] = Field(
         default=DRIFT_STATS_TOPIC,
         description="Retained input drift measures of a pipeline with drift detection, every "
-        "drift.interval_s ({gateway}, {pipeline}; with workers: N, /{worker} is appended).",
+        "drift.interval_s ({gateway}, {pipeline}).",
     )
     alerts: Annotated[str, _template("gateway", "pipeline")] = Field(
         default=DRIFT_ALERT_TOPIC,

@@ -370,12 +370,12 @@ class Daemon:
         """Clear the retained drift measures OLD published where NEW will not (an empty message).
 
         A pipeline removed, its drift turned off or ``topics.drift`` changed: the last measures
-        would stay on the broker, read by dashboards as current. Pipelines in worker processes
-        publish per worker (``/{worker}``) and are not cleared (docs/monitoring.md).
+        would stay on the broker, read by dashboards as current (``workers: N`` too: the reader's
+        monitor publishes the pipeline's measures).
         """
         def topics(gen: Generation) -> set[str]:
             return {str(drift.stats_topic) for p in gen.pipelines
-                    if (drift := getattr(p, "drift", None)) is not None and p.config.workers == 1}
+                    if (drift := getattr(p, "drift", None)) is not None}
 
         gone = topics(old) - topics(new)
         if gone:

@@ -167,9 +167,10 @@ class Pipeline:
             config.batch.max_batch, config.batch.max_wait_ms / 1000.0
         )
         # Input drift against the bundle's reference summary (None: off, or no summary).
+        # With workers: N the reader's is the pipeline's one; each worker process's only counts
+        # (floorline.edge.daemon.workers).
         self.drift = make_monitor(config.drift, manifest, gateway=gateway, pipeline=config.name,
-                                  workers=config.workers, stats_topic=topics.drift,
-                                  alert_topic=topics.alerts)
+                                  stats_topic=topics.drift, alert_topic=topics.alerts)
         self.output = make_output(
             config.output,
             OutputContext(

@@ -24,6 +24,13 @@ Refused with ``workers > 1`` (``PipelineConfig``): ``ack: durable``, ``asset.pay
 ``threads > 1``, sparkplug decoders and outputs. Overload: a full per-worker queue drops the
 newest messages (``dropped_inbox_full``); assets are not shed whole.
 
+Drift detection (``drift``, floorline.edge.stream.drift): the pipeline has one monitor, the
+reader's. A worker's monitor only counts its windows' bins and sends the count deltas up in its
+report's snapshot (``"drift"``, per time bucket, only when it counted any); the reader's monitor
+adds them, judges, publishes the stats and alerts. Its verdict (the pipeline's flag, the drifting
+assets with ``per_asset``) goes down to each worker in a small ``_DRIFT`` message, before the next
+input run, whenever it changed: predictions are flagged one hand-off after the evaluation.
+
 A worker that dies (killed, crashed) makes ``failure`` say so and the daemon ``degraded``; what it
 held (its queue, its socket, its partial windows) is lost, as a crash loses them in receipt mode,
 and later messages of its assets are dropped and counted (``dropped_worker_dead``) until a restart.
@@ -55,6 +62,7 @@ from floorline.edge.delivery.outbox import SeqMarks
 from floorline.edge.delivery.publisher import Predictions
 from floorline.edge.errors import FloorlineError
 from floorline.edge.messages import Inbound, Outbound
+from floorline.edge.stream.drift import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ _HEARTBEAT_S = 1.0  # an idle worker reports at least this often
 _STALL_S = 30.0  # a worker with input outstanding and no report for this long is stalled
 _STOP = b"STOP"
 _IN = "in"  # a frame of input: (_IN, topics, payloads, received)
+_DRIFT = "drift"  # the reader's drift verdict, when it changed: (_DRIFT, (drifting, assets))
 _MERGE = 512  # messages the reader takes at most in one go (frames that arrived together)
 _SUBMIT = 64  # messages per submit: one outbox transaction and one publish run each
 _NEW: Any = tuple.__new__
@@ -152,6 +161,7 @@ class _Worker:
         self.death: str | None = None
         self.stopping = False
         self.send_lock = threading.Lock()
+        self.verdict_sent = 0  # the version of the reader's drift verdict this worker was sent
 
     def outstanding(self) -> int:
         return self.queue.qsize() + self.sent - self.taken
@@ -182,6 +192,8 @@ class WorkerPipeline(Pipeline):
         self._started = False
         self._ready = False
         self._stopped = False
+        self._verdict: Verdict = (False, frozenset())
+        self._verdict_version = 0  # bumped by the results thread, read by the senders
         self._senders: list[threading.Thread] = []
         self._readers: list[threading.Thread] = []
         self.start_method = ""
@@ -317,6 +329,8 @@ class WorkerPipeline(Pipeline):
                 # more than the messages' own work (docs/workers.md).
                 time.sleep(_LINGER_S)
                 items += w.queue.get_many(_RUN - len(items), timeout=0)
+            if w.verdict_sent != self._verdict_version and w.death is None:
+                self._send_verdict(w, conn)  # before the run: its predictions are flagged by it
             if items:
                 # Columns, not one pickled Inbound per message: (topics, payloads, received).
                 # Topics repeat, and pickle writes each shared str once per frame.
@@ -333,6 +347,39 @@ class WorkerPipeline(Pipeline):
         if w.death is None:
             with contextlib.suppress(OSError, ValueError):
                 conn.send_bytes(_STOP)
+
+    def _send_verdict(self, w: _Worker, conn: Connection) -> None:
+        """The reader's drift verdict to W (its own assets of the drifting ones), on W's sender.
+
+        Sent by the sender thread, never by the results thread: that one must keep reading, or
+        a worker blocked writing its report would never read this.
+        """
+        version, (drifting, assets) = self._verdict_version, self._verdict
+        mine = frozenset(a for a in assets if self._owner(a) == w.index)
+        try:
+            with w.send_lock:
+                conn.send_bytes(pickle.dumps((_DRIFT, (drifting, mine)), protocol=5))
+        except (OSError, ValueError):
+            return  # its death is seen by the results thread
+        w.verdict_sent = version
+
+    def _judge_drift(self, frames: list[tuple[Any, ...]]) -> None:
+        """Add FRAMES' drift counts to the pipeline's monitor; send what it says; new verdict."""
+        drift = self.drift
+        if drift is None:
+            return
+        out: list[Outbound] = []
+        for frame in frames:
+            counts = frame[-2].pop("drift", None)  # the snapshot's
+            if counts:
+                out += drift.merge(counts, time.monotonic())
+        if not out:  # no evaluation: the verdict is unchanged
+            return
+        self.sink(out)  # after the frames' predictions: the stats message, alerts
+        verdict = drift.verdict()
+        if verdict != self._verdict:
+            self._verdict = verdict
+            self._verdict_version += 1
 
     def _result_loop(self) -> None:
         """Every worker's frames, on one thread: what arrived together goes out together.
@@ -362,6 +409,7 @@ class WorkerPipeline(Pipeline):
             everything = [f for _, frames in got for f in frames]
             if everything:
                 self._deliver(everything)
+                self._judge_drift(everything)
             for conn, frames in got:
                 w = live[conn]
                 for kind, *_columns, snapshot, states in frames:
@@ -523,6 +571,8 @@ class WorkerPipeline(Pipeline):
             "window_resets": dict(resets),
             "duplicates": duplicates,
             "workers": per_worker,
+            # The pipeline's one monitor, fed by every worker's counts (as with one process).
+            **({"drift": self.drift.document} if self.drift is not None else {}),
         }
 
 
@@ -562,6 +612,8 @@ def _serve(pipeline: Pipeline, sink: Sink, conn: Connection) -> None:
     # The reader drives shutdown (Ctrl-C and systemd's SIGTERM reach the whole group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if pipeline.drift is not None:
+        pipeline.drift.as_worker()  # counts up to the reader, flags from its verdict
     _report(conn, "ready", pipeline, sink, {})
     last = 0.0
     while True:
@@ -578,6 +630,9 @@ def _serve(pipeline: Pipeline, sink: Sink, conn: Connection) -> None:
                     if msg[0] == _IN:  # (_IN, topics, payloads, received)
                         pipeline.process(list(map(_NEW, repeat(Inbound), zip(
                             msg[1], msg[2], msg[3], repeat(None), strict=False))))
+                    elif msg[0] == _DRIFT:  # the reader's verdict, (drifting, assets)
+                        if pipeline.drift is not None:
+                            pipeline.drift.set_verdict(msg[1])
                     else:  # ("setup", floors, states)
                         # Pipeline's own: a forked WorkerPipeline overrides them for the reader.
                         Pipeline.seed_seqs(pipeline, msg[1])
@@ -599,7 +654,12 @@ def _serve(pipeline: Pipeline, sink: Sink, conn: Connection) -> None:
 
 def _report(conn: Connection, kind: str, pipeline: Pipeline, sink: Sink,
             states: dict[str, bytes]) -> None:
-    frame = (kind, *sink.take(), pipeline.snapshot(), states)
+    snapshot = pipeline.snapshot()
+    if pipeline.drift is not None:
+        counts = pipeline.drift.take_counts()  # numpy arrays, only when it counted windows
+        if counts:
+            snapshot["drift"] = counts
+    frame = (kind, *sink.take(), snapshot, states)
     try:
         conn.send_bytes(pickle.dumps(frame, protocol=5))
     except OSError:

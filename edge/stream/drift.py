@@ -31,8 +31,13 @@ Noise: with B bins, n live and m reference windows, PSI of two samples of one di
 about (B - 1)(1/n + 1/m) on average (chi-square); with 10 bins, 200 windows (``min_windows``) and
 2000 reference windows that is ~0.05, against a level of 0.25.
 
-Everything here is plain objects and numpy, per process: a worker process has its own monitor
-for the assets it serves.
+Everything here is plain objects and numpy. With ``workers: N > 1`` (floorline.edge.daemon.workers)
+the pipeline still has one monitor, in the reader: each worker process's monitor only counts
+(:meth:`DriftMonitor.as_worker`: the cells and tallies, the per-window work) and hands its count
+deltas up with its next report (:meth:`DriftMonitor.take_counts`); the reader's monitor adds them
+(:meth:`DriftMonitor.merge`), judges, publishes and alerts, and its verdict
+(:meth:`DriftMonitor.verdict`) goes back down to the workers, which flag predictions from it
+(:meth:`DriftMonitor.set_verdict`): one hand-off later than with one process.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,8 +64,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ALERT_TOPIC",
     "STATS_TOPIC",
+    "Counts",
     "DriftConfig",
     "DriftMonitor",
+    "Verdict",
     "bin_index",
     "ks",
     "make_monitor",
@@ -85,6 +91,13 @@ _TOP = 3  # statistics named in an alert
 _REPORT_ASSETS = 20  # drifting assets listed in a stats message at most
 _LOG_EVERY_S = 60.0
 _FLUSH_WINDOWS = 32  # windows counted together at least (fewer wait for the next batches)
+
+Counts = dict[int, tuple[int, NDArray[np.int64], tuple[str, ...], NDArray[np.int64],
+                         NDArray[np.int64]]]
+"""A worker's count deltas, per time bucket: (windows, (S, B) counts of the pipeline, the assets
+counted (per_asset, else none), their windows (A,), their counts (A, S, B))."""
+Verdict = tuple[bool, frozenset[str]]
+"""What flags predictions: whether the pipeline drifts, and (per_asset) the drifting assets."""
 
 
 class DriftConfig(BaseModel):
@@ -322,6 +335,13 @@ class _Ring:
         self.current = bucket
 
     def add(self, bucket: int, counts: NDArray[np.int64], windows: int) -> None:
+        if 0 <= bucket < self.current:
+            # Counts a worker sent after another's of a later bucket (workers: N): into their
+            # own bucket while it is in the period, else dropped (the period moved past them).
+            if self.current - bucket < self.buckets:
+                self.counts[bucket % self.buckets] += counts
+                self.windows[bucket % self.buckets] += windows
+            return
         self.advance(bucket)
         self.counts[bucket % self.buckets] += counts
         self.windows[bucket % self.buckets] += windows
@@ -346,14 +366,13 @@ class DriftMonitor:
     """One pipeline's drift detection (in the process that runs its windows)."""
 
     def __init__(self, config: DriftConfig, plan: Plan, *, gateway: str, pipeline: str,
-                 workers: int = 1, wall: Any = time.time, stats_topic: str = STATS_TOPIC,
+                 wall: Any = time.time, stats_topic: str = STATS_TOPIC,
                  alert_topic: str = ALERT_TOPIC) -> None:
         self.config = config
         self.plan = plan
         self.level = config.threshold
         self._gateway = gateway
         self._pipeline = pipeline
-        self._workers = workers
         self._wall = wall
         # K buckets make the period; one more is the interval being filled when it is judged.
         self._k = max(1, math.ceil(config.window_s / config.interval_s - 1e-9)) + 1
@@ -367,7 +386,9 @@ class DriftMonitor:
         self.evaluations = 0
         self.errors = 0
         self._error_log_at = 0.0
-        self._shard: str | None = None
+        self._worker = False
+        self._deltas: dict[int, tuple[list[Any], dict[str, list[Any]]]] = {}
+        self._verdict: Verdict = (False, frozenset())
         self.stats_topic = stats_topic.format(gateway=gateway, pipeline=pipeline)
         self.alert_topic = alert_topic.format(gateway=gateway, pipeline=pipeline)
         self.on_drift: Callable[[str | None], None] | None = None
@@ -381,6 +402,9 @@ class DriftMonitor:
 
     def flagged(self, asset: str) -> bool:
         """Whether ASSET's predictions carry ``drift: true`` now."""
+        if self._worker:  # the reader's verdict, as its last hand-off brought it
+            drifting, assets = self._verdict
+            return asset in assets if self.config.per_asset else drifting
         if self.config.per_asset:
             scope = self.assets.get(asset)
             return scope is not None and scope.drifting
@@ -408,13 +432,11 @@ class DriftMonitor:
         bucket = int(now // self.config.interval_s)
         out: list[Outbound] = []
         if self._bucket >= 0 and bucket != self._bucket:
-            out = self.evaluate(now, bucket)
+            if self._worker:
+                self._flush()  # into the bucket they arrived in; the reader judges
+            else:
+                out = self.evaluate(now, bucket)
         self._bucket = bucket
-        if self._shard is None and self._workers > 1 and windows:
-            # A worker process serves the assets with crc32(asset) % workers == its index
-            # (floorline.edge.daemon.workers): its pipeline-wide stats say which share they judge.
-            self._shard = str(zlib.crc32(windows[0].asset.encode()) % self._workers)
-            self.stats_topic += f"/{self._shard}"
         # Small batches wait for company: numpy's per-call cost dominates below a few dozen
         # windows. Exact all the same: they are counted before the next evaluation, in their
         # own bucket.
@@ -435,25 +457,123 @@ class DriftMonitor:
             values = None if values is None else np.concatenate([p[2] for p in pending])
         cells = self.plan.cells(raw, values)
         counts = self.plan.tally(cells)
+        if self._worker:
+            self._count(windows, cells, self._bucket, counts)
+            return
         self.whole.ring.add(self._bucket, counts, len(raw))
         if self.config.per_asset:
             self._per_asset(windows, cells, self._bucket, counts)
 
     def _per_asset(self, windows: Sequence[Window], cells: NDArray[np.intp], bucket: int,
                    whole: NDArray[np.int64]) -> None:
+        for asset, counts, n in self._by_asset(windows, cells, whole):
+            self._asset_scope(asset).ring.add(bucket, counts, n)
+
+    def _by_asset(self, windows: Sequence[Window], cells: NDArray[np.intp],
+                  whole: NDArray[np.int64]) -> list[tuple[str, NDArray[np.int64], int]]:
         rows: dict[str, list[int]] = {}
         for i, w in enumerate(windows):
             rows.setdefault(w.asset, []).append(i)
-        for asset, idx in rows.items():
-            scope = self.assets.pop(asset, None)  # re-inserted last: least recently seen first
-            if scope is None:
-                if len(self.assets) >= self.config.max_assets:
-                    del self.assets[next(iter(self.assets))]
-                scope = _Scope(_Ring(self._k, self._shape))
-            self.assets[asset] = scope
-            # The batch's bins, counted per asset: statistics are computed once per batch.
-            counts = whole if len(idx) == len(cells) else self.plan.tally(cells[idx])
-            scope.ring.add(bucket, counts, len(idx))
+        # The batch's bins, counted per asset: statistics are computed once per batch.
+        return [(asset, whole if len(idx) == len(cells) else self.plan.tally(cells[idx]), len(idx))
+                for asset, idx in rows.items()]
+
+    def _asset_scope(self, asset: str) -> _Scope:
+        scope = self.assets.pop(asset, None)  # re-inserted last: least recently seen first
+        if scope is None:
+            if len(self.assets) >= self.config.max_assets:
+                del self.assets[next(iter(self.assets))]
+            scope = _Scope(_Ring(self._k, self._shape))
+        self.assets[asset] = scope
+        return scope
+
+    # -- workers: N > 1 (floorline.edge.daemon.workers) --------------------------------------
+
+    def as_worker(self) -> None:
+        """Count only, in a worker process: the reader's monitor judges (``merge``).
+
+        ``observe`` then never evaluates nor returns messages; ``take_counts`` gives what it
+        counted since the last call, and ``flagged`` answers from ``set_verdict``.
+        """
+        self._worker = True
+        self.on_drift = None
+
+    def _count(self, windows: Sequence[Window], cells: NDArray[np.intp], bucket: int,
+               counts: NDArray[np.int64]) -> None:
+        entry = self._deltas.get(bucket)
+        if entry is None:
+            entry = self._deltas[bucket] = ([0, np.zeros(self._shape, dtype=np.int64)], {})
+        whole, assets = entry
+        whole[0] += len(cells)
+        whole[1] += counts
+        if self.config.per_asset:
+            for asset, c, n in self._by_asset(windows, cells, counts):
+                cell = assets.get(asset)
+                if cell is None:
+                    assets[asset] = [n, c.copy()]
+                else:
+                    cell[0] += n
+                    cell[1] += c
+
+    def take_counts(self) -> Counts:
+        """A worker's counts since the last call, per time bucket (empty: none)."""
+        try:
+            self._flush()
+        except Exception:  # as observe: monitoring never costs a prediction
+            self.errors += 1
+            self._pending, self._pending_n = [], 0
+            log.exception("pipeline %s: drift counting failed", self._pipeline)
+        deltas, self._deltas = self._deltas, {}
+        out: Counts = {}
+        for bucket, ((n, counts), assets) in deltas.items():
+            names = tuple(assets)
+            ns = np.fromiter((assets[a][0] for a in names), dtype=np.int64, count=len(names))
+            per = (np.stack([assets[a][1] for a in names]) if names
+                   else np.zeros((0, *self._shape), dtype=np.int64))
+            out[bucket] = (n, counts, names, ns, per)
+        return out
+
+    def merge(self, counts: Counts, now: float) -> list[Outbound]:
+        """Add a worker's COUNTS (``take_counts``) in the reader; the messages to send.
+
+        As ``observe`` does with a batch: the first counts of a later interval evaluate first.
+        Counts of an earlier bucket than another worker's last (a report that came later) go
+        into their own bucket. Never raises (counted, logged).
+        """
+        try:
+            return self._merge(counts, now)
+        except Exception:  # monitoring must never cost a prediction
+            self.errors += 1
+            if now >= self._error_log_at:
+                log.exception("pipeline %s: drift detection failed (%d times); predictions "
+                              "go on", self._pipeline, self.errors)
+                self._error_log_at = now + _LOG_EVERY_S
+            return []
+
+    def _merge(self, counts: Counts, now: float) -> list[Outbound]:
+        out: list[Outbound] = []
+        for bucket in sorted(counts):
+            n, whole, names, ns, per = counts[bucket]
+            if bucket > self._bucket:
+                if self._bucket >= 0:
+                    out += self.evaluate(now, bucket)
+                self._bucket = bucket
+            self.whole.ring.add(bucket, whole, n)
+            if self.config.per_asset:
+                for asset, an, ac in zip(names, ns.tolist(), per, strict=True):
+                    self._asset_scope(asset).ring.add(bucket, ac, an)
+        return out
+
+    def verdict(self) -> Verdict:
+        """The reader's judgement, as the workers flag predictions from it."""
+        if not self.config.per_asset:
+            return (self.whole.drifting, frozenset())
+        return (self.whole.drifting,
+                frozenset(a for a, scope in self.assets.items() if scope.drifting))
+
+    def set_verdict(self, verdict: Verdict) -> None:
+        """A worker's flags from now on: the reader's latest ``verdict``."""
+        self._verdict = verdict
 
     # -- per interval ------------------------------------------------------------------------
 
@@ -484,8 +604,6 @@ class DriftMonitor:
                 drifting_assets),
             "alerts": self.alerts,
         }
-        if self._shard is not None:
-            doc["worker"] = int(self._shard)
         if self.config.per_asset:
             drifting_assets.sort(reverse=True)
             doc["assets"] = {"tracked": len(self.assets), "drifting": len(drifting_assets),
@@ -571,13 +689,11 @@ class DriftMonitor:
             "windows": last.get("windows"), "period_s": self.config.window_s,
             "top": last.get("top", []),
         }
-        if self._shard is not None:
-            message["worker"] = int(self._shard)
         return [Outbound(self.alert_topic, orjson.dumps(message), 1, False)]
 
 
 def make_monitor(config: DriftConfig, manifest: Manifest, *, gateway: str, pipeline: str,
-                 workers: int = 1, stats_topic: str = STATS_TOPIC,
+                 stats_topic: str = STATS_TOPIC,
                  alert_topic: str = ALERT_TOPIC) -> DriftMonitor | None:
     """The pipeline's monitor, or None (disabled, or no usable reference: said once, INFO).
 
@@ -596,5 +712,5 @@ def make_monitor(config: DriftConfig, manifest: Manifest, *, gateway: str, pipel
         log.warning("pipeline %s: drift detection off: bundle %s %s: %s", pipeline,
                     manifest.name, manifest.version, exc)
         return None
-    return DriftMonitor(config, plan, gateway=gateway, pipeline=pipeline, workers=workers,
+    return DriftMonitor(config, plan, gateway=gateway, pipeline=pipeline,
                         stats_topic=stats_topic, alert_topic=alert_topic)
