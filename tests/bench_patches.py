@@ -80,9 +80,9 @@ def _trace() -> None:
             pubs.append(t1 - read.pop(0))
         return mid
 
-    def traced_put(self: Outbox, messages: Any) -> list[int]:
+    def traced_put(self: Outbox, messages: Any, seqs: Any = None) -> list[int]:
         t0 = time.monotonic()
-        ids = put_many(self, messages)
+        ids = put_many(self, messages, seqs)
         t1 = time.monotonic()
         puts.append(t1 - t0)
         for i in ids:
