@@ -1946,6 +1946,25 @@ def measure_overload_only(bench: Bench, log: Callable[[str], None]) -> dict[str,
     return {"ceilings": c, "daemon_sample": {p: measure_daemon_sample(bench, p, bound, log)}}
 
 
+def measure_blocks_only(bench: Bench, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--only blocks``: the QoS 1 echo ceilings (the goal's) and the block daemon's searches."""
+    p: Protocol = "5"
+    c: dict[str, Any] = {key: {} for key in ECHO_KEYS.values()}
+    for kind in BLOCK_KINDS:
+        for reader in READERS:
+            found = c[ECHO_KEYS[(reader, 1)]].setdefault(p, {})[kind] = (
+                measure_echo(bench, p, kind, reader=reader, qos=1))
+            log(f"  echo {kind}, QoS 1 out, {READER_LABELS[reader]}, MQTT {p}: "
+                f"{found['rate']:,.0f}/s")
+    blocks = measure_daemon_blocks(bench, p, {k: search_bound(c, p, k) for k in BLOCK_KINDS}, log)
+    for kind in BLOCK_KINDS:
+        stock = c[ECHO_KEYS[("paho", 1)]][p][kind]["rate"]
+        blocks[kind]["ratio_stock_qos1_echo"] = _ratio(blocks[kind]["sustained"], stock)
+        log(f"  {kind}: {blocks[kind]['sustained']:,.0f}/s = "
+            f"{blocks[kind]['ratio_stock_qos1_echo']} x the stock paho QoS 1 echo")
+    return {"ceilings": c, "daemon_block": blocks}
+
+
 def overload_text(over: dict[str, Any] | None) -> str:
     """The overload curve alone (``--only overload``): per point, windows predicted and shed."""
     if not over:
@@ -2859,11 +2878,14 @@ def _say(text: str) -> None:
 
 
 def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
-        say: Callable[[str], None] = _say, only: str | None = None) -> dict[str, Any]:
+        say: Callable[[str], None] = _say, only: str | None = None,
+        broker_inflight: int | None = None) -> dict[str, Any]:
     """Every measurement, in one run on one broker; returns the results document.
 
     Without TRAIN and without the Keras model, the naive way is skipped (and says why); every
     other section runs. ONLY (a name in ``ONLY_SECTIONS``): that section alone, and what it needs.
+    BROKER_INFLIGHT: the broker's ``max_inflight_messages`` (what it announces to MQTT 5 clients as
+    Receive Maximum) instead of the tests' 20, mosquitto's default.
     """
     started = time.monotonic()
 
@@ -2872,7 +2894,9 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
 
     check_bundle()
     results: dict[str, Any] = {"machine": machine(), "budget": asdict(budget)}
-    broker = Mosquitto(work / "broker").start()
+    extra = "" if broker_inflight is None else f"max_inflight_messages {broker_inflight}"
+    broker = Mosquitto(work / "broker", extra=extra).start()
+    results["broker_inflight"] = broker_inflight or 20
     collector = Collector(broker.port)
     bench = Bench(budget, work, broker.port, collector, broker_pid=broker.pid)
     bench.stats = stats_supported()
@@ -2883,6 +2907,11 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
         if only == "overload":
             log("overload curve only: its ceilings, the per-sample daemon, the curve")
             results |= measure_overload_only(bench, log)
+            results["elapsed_s"] = round(time.monotonic() - started, 1)
+            return results
+        if only == "blocks":
+            log("blocks only: the QoS 1 echo ceilings on MQTT 5, the block daemon's searches")
+            results |= measure_blocks_only(bench, log)
             results["elapsed_s"] = round(time.monotonic() - started, 1)
             return results
         log("ceilings")
@@ -2994,6 +3023,7 @@ def run(budget: Budget, work: Path, *, profile: Path | None, train: bool = True,
 ONLY_SECTIONS: dict[str, str] = {
     "overload": "the bare subscribers on MQTT 5, the per-sample daemon's search, latency step "
     "and overload curve",
+    "blocks": "the QoS 1 echo ceilings on MQTT 5 and the block daemon's searches, binary and JSON",
 }
 """What ``--only`` can run alone, and what that includes."""
 
@@ -3014,6 +3044,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy the daemon at its sustained rates into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--broker-inflight", type=int, metavar="N",
+                        help="the broker's max_inflight_messages (MQTT 5 Receive Maximum) "
+                        "instead of mosquitto's default 20")
     parser.add_argument("--only", choices=ONLY_SECTIONS, metavar="SECTION",
                         help="run one section alone, with what it needs: "
                         + ", ".join(f"{k} ({v})" for k, v in ONLY_SECTIONS.items()))
@@ -3025,13 +3058,17 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tests.benchmark " + " ".join(argv)
     try:
         results = run(budget, work, profile=args.profile, train=not args.no_train,
-                      only=args.only)
+                      only=args.only, broker_inflight=args.broker_inflight)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work directory kept: {work}")
     results["command"] = command.strip()
+    if args.only == "blocks":
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"\nelapsed {results['elapsed_s']} s; wrote {args.json}")
+        return 0
     if args.only == "overload":
         print()
         print(overload_text(results["daemon_sample"][OVERLOAD_PROTOCOL]["overload"]))

@@ -486,11 +486,14 @@ class Mosquitto(_BrokerProcess):
         users: Mapping[str, str] | None = None,
         tls: TlsMaterial | None = None,
         require_certificate: bool = False,
+        extra: str = "",
     ) -> None:
+        """EXTRA: config lines appended after the template (a later line overrides an option)."""
         super().__init__(workdir)
         self.config = config
         self.tls = tls
         self.require_certificate = require_certificate
+        self.extra = extra
         self._users = dict(users or {})
         self._port: int | None = None
         if config == "auth" and not self._users:
@@ -601,6 +604,8 @@ class Mosquitto(_BrokerProcess):
                 parts.append(Template(text).substitute(values))
             except KeyError as exc:
                 raise BrokerError(f"tests/mosquitto/{name}.conf: no value for ${exc}") from exc
+        if self.extra:
+            parts.append(self.extra)
         self.config_path.write_text("\n".join(parts))
 
     def wait_subscribed(
