@@ -417,8 +417,12 @@ class DriftMonitor:
         At an interval's first batch, evaluate first and return the stats message and any
         alerts. Never raises (counted, logged).
         """
+        return self._guarded(lambda: self._observe(windows, raw, values, now), now)
+
+    def _guarded(self, work: Callable[[], list[Outbound]], now: float) -> list[Outbound]:
+        """WORK's messages; on any error none, counted and logged at most every minute."""
         try:
-            return self._observe(windows, raw, values, now)
+            return work()
         except Exception:  # monitoring must never cost a prediction
             self.errors += 1
             if now >= self._error_log_at:
@@ -540,15 +544,7 @@ class DriftMonitor:
         Counts of an earlier bucket than another worker's last (a report that came later) go
         into their own bucket. Never raises (counted, logged).
         """
-        try:
-            return self._merge(counts, now)
-        except Exception:  # monitoring must never cost a prediction
-            self.errors += 1
-            if now >= self._error_log_at:
-                log.exception("pipeline %s: drift detection failed (%d times); predictions "
-                              "go on", self._pipeline, self.errors)
-                self._error_log_at = now + _LOG_EVERY_S
-            return []
+        return self._guarded(lambda: self._merge(counts, now), now)
 
     def _merge(self, counts: Counts, now: float) -> list[Outbound]:
         out: list[Outbound] = []
