@@ -76,6 +76,30 @@ def mosquitto(broker_factory: BrokerFactory) -> Mosquitto:
     return broker_factory()
 
 
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tiny_disk("64k")``: a fresh tmpfs of that size (a disk that fills); skips the test when
+    mounting is not permitted here. Unmounted afterwards (lazily, should a daemon still hold it)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if shutil.which("mount") is None:
+            pytest.skip("needs mount(8)")
+        target = tmp_path / f"tiny-{len(mounted)}"
+        target.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                              capture_output=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        if subprocess.run(["umount", str(target)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
 @pytest.fixture(scope="session")
 def mosquitto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     """One plain broker for the whole session; use ``unique_topic`` and don't stop it."""

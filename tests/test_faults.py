@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -474,36 +473,27 @@ def test_unusable_state_directory_degrades_to_memory_and_keeps_predicting(
     assert outbox["degraded_reason"]
 
 
-@pytest.mark.skipif(shutil.which("mount") is None, reason="needs mount(8)")
 def test_full_disk_degrades_to_memory_without_losing_predictions(mosquitto, mqtt_client,
-                                                                 unique_topic, tmp_path):
-    state = tmp_path / "tiny"
-    state.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)],
-                             capture_output=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        text = config_text(mosquitto, _simple(unique_topic), state_dir=state)
-        with running(text) as daemon:
-            mosquitto.stop()
-            wait_until(lambda: not daemon.stats()["connected"], 10, "daemon noticed")
-            samples = asset_samples(64 * 200, seed=44)
-            for k in range(200):
-                daemon._on_message(f"{unique_topic}/pump-f/vibration",
-                                   block_payload(samples[64 * k: 64 * (k + 1)], 64 * k, 1.0), 0.0)
-            wait_until(lambda: daemon.pipelines[0].counters["predictions"] == 200, 30, "done")
-            outbox = daemon.stats()["outbox"]
-            assert outbox["mode"] == "memory"
-            assert "full" in outbox["degraded_reason"]
-            mosquitto.start()
-            probe = mqtt_client(mosquitto)
-            probe.subscribe("floorline/gw-test/pred/#", qos=1)
-            wait_until(lambda: daemon.stats()["outbox"]["depth"] == 0, 30, "delivered")
-        seqs = sorted({orjson.loads(m.payload)["seq"] for m in probe.messages})
-        assert seqs == list(range(200))
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
+                                                                 unique_topic, tiny_disk):
+    state = tiny_disk("64k")
+    text = config_text(mosquitto, _simple(unique_topic), state_dir=state)
+    with running(text) as daemon:
+        mosquitto.stop()
+        wait_until(lambda: not daemon.stats()["connected"], 10, "daemon noticed")
+        samples = asset_samples(64 * 200, seed=44)
+        for k in range(200):
+            daemon._on_message(f"{unique_topic}/pump-f/vibration",
+                               block_payload(samples[64 * k: 64 * (k + 1)], 64 * k, 1.0), 0.0)
+        wait_until(lambda: daemon.pipelines[0].counters["predictions"] == 200, 30, "done")
+        outbox = daemon.stats()["outbox"]
+        assert outbox["mode"] == "memory"
+        assert "full" in outbox["degraded_reason"]
+        mosquitto.start()
+        probe = mqtt_client(mosquitto)
+        probe.subscribe("floorline/gw-test/pred/#", qos=1)
+        wait_until(lambda: daemon.stats()["outbox"]["depth"] == 0, 30, "delivered")
+    seqs = sorted({orjson.loads(m.payload)["seq"] for m in probe.messages})
+    assert seqs == list(range(200))
 
 
 def test_a_slow_model_never_starves_the_network_thread(mosquitto, mqtt_client, unique_topic):

@@ -384,13 +384,8 @@ def test_full_disk_degrades_to_memory_and_keeps_every_message(box_path: Path) ->
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    target = tmp_path / "tmpfs"
-    target.mkdir()
-    if not _root_mount("-t", "tmpfs", "-o", "size=256k", "tmpfs", target):
-        pytest.skip("mounting a tmpfs is not permitted here")
-    yield target
-    _umount(target)
+def small_tmpfs(tiny_disk: Callable[[str], Path]) -> Path:
+    return tiny_disk("256k")
 
 
 def test_really_full_filesystem_degrades_to_memory_and_keeps_every_message(
